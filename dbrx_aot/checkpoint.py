@@ -1,0 +1,222 @@
+"""Hugging Face DBRX checkpoints: the key table, streaming loading, and a random-weight writer.
+
+Every hub key is mapped by the one table below or rejected by name; shapes are checked against
+the config; the flat [E*F, D] expert tensors become [E, F, D] in exactly one place
+(``to_graph_layout``). Pickled checkpoints (``pytorch_model*.bin``) are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dbrx_aot.config import DbrxConfig
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.model import DbrxModel
+from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
+from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# hub key -> graph key; {i} is the block index.
+HUB_TO_GRAPH: dict[str, str] = {
+    "transformer.wte.weight": "wte.weight",
+    "transformer.blocks.{i}.norm_attn_norm.norm_1.weight": "blocks.{i}.norm_1.weight",
+    "transformer.blocks.{i}.norm_attn_norm.attn.Wqkv.weight": "blocks.{i}.attn.Wqkv.weight",
+    "transformer.blocks.{i}.norm_attn_norm.attn.out_proj.weight": "blocks.{i}.attn.out_proj.weight",
+    "transformer.blocks.{i}.norm_attn_norm.norm_2.weight": "blocks.{i}.norm_2.weight",
+    "transformer.blocks.{i}.ffn.router.layer.weight": "blocks.{i}.ffn.router.weight",
+    "transformer.blocks.{i}.ffn.experts.mlp.w1": "blocks.{i}.ffn.w1",
+    "transformer.blocks.{i}.ffn.experts.mlp.v1": "blocks.{i}.ffn.v1",
+    "transformer.blocks.{i}.ffn.experts.mlp.w2": "blocks.{i}.ffn.w2",
+    "transformer.norm_f.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def graph_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
+    """The model's own parameter names and shapes (read off a meta-device model)."""
+    with torch.device("meta"):
+        model = DbrxModel(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def hub_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
+    """Every key a hub checkpoint of this config holds, with its shape on disk."""
+    E, F, D = config.moe_num_experts, config.ffn_hidden_size, config.d_model
+    shapes = graph_shapes(config)
+    out = {}
+    for hub, graph in hub_to_graph_keys(config).items():
+        out[hub] = (E * F, D) if hub.endswith((".w1", ".v1", ".w2")) else shapes[graph]
+    return out
+
+
+def hub_to_graph_keys(config: DbrxConfig) -> dict[str, str]:
+    keys = {}
+    for hub, graph in HUB_TO_GRAPH.items():
+        for i in range(config.n_layers) if "{i}" in hub else [None]:
+            keys[hub.format(i=i)] = graph.format(i=i)
+    return keys
+
+
+def to_graph_layout(tensor: torch.Tensor, graph_shape: tuple[int, ...]) -> torch.Tensor:
+    """The one reshape: flat experts [E*F, D] -> [E, F, D]; every other tensor keeps its shape."""
+    return tensor.reshape(graph_shape)
+
+
+def checkpoint_shards(path: Path) -> list[Path]:
+    """The safetensors files of a HF checkpoint directory, checked against its index."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DbrxAotError(f"{path}: no such checkpoint directory")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DbrxAotError(f"{index}: invalid index, expected JSON with a 'weight_map' ({err})") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (path / name).is_file():
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise DbrxAotError(f"{index}: shard {name} (holding {key}) is missing from {path}")
+        return [path / name for name in names]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled:
+        raise DbrxAotError(f"{path / pickled[0]}: pickled PyTorch checkpoints are refused (unpickling can run "
+                           "code); convert it to safetensors first")
+    raise DbrxAotError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (expected a Hugging Face DBRX checkpoint)")
+
+
+def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype,
+                    progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (graph key, tensor in graph layout and ``dtype``), one tensor at a time, checked."""
+    expected = hub_shapes(config)
+    graph_keys = hub_to_graph_keys(config)
+    graph = graph_shapes(config)
+    seen: set[str] = set()
+    shards = checkpoint_shards(path)
+    bar = tqdm(total=len(expected), desc="reading weights", unit="tensor", disable=not progress)
+    for shard in shards:
+        with open_checked(shard) as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise DbrxAotError(f"{shard}: unexpected key {key} (not a DBRX weight for this config: "
+                                       f"{config.n_layers} layers)")
+                if key in seen:
+                    raise DbrxAotError(f"{shard}: key {key} appears in more than one shard")
+                tensor = read_tensor(f, shard, key)
+                if tuple(tensor.shape) != expected[key]:
+                    raise DbrxAotError(f"{shard}: {key} has shape {list(tensor.shape)}, expected "
+                                       f"{list(expected[key])} from config.json")
+                if tensor.dtype not in FLOAT_DTYPES:
+                    raise DbrxAotError(f"{shard}: {key} has dtype {tensor.dtype}, expected a floating dtype")
+                seen.add(key)
+                yield graph_keys[key], to_graph_layout(tensor, graph[graph_keys[key]]).to(dtype)
+                bar.update()
+    bar.close()
+    missing = [key for key in expected if key not in seen]
+    if missing:
+        raise DbrxAotError(f"{path}: missing key {missing[0]} ({len(missing)} missing in all)")
+
+
+def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
+               weights: Iterator[tuple[str, torch.Tensor]] | None = None, progress: bool = True) -> DbrxModel:
+    """Build the model with uninitialised storage and fill it tensor by tensor (no second copy)."""
+    with torch.device("meta"):
+        model = DbrxModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    for name, tensor in weights if weights is not None else iter_checkpoint(path, config, dtype, progress):
+        params[name].data.copy_(tensor)
+    return model.eval().requires_grad_(False)
+
+
+# -- random checkpoints ------------------------------------------------------------------------
+
+
+def random_tensor(hub_key: str, shape: tuple[int, ...], config: DbrxConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Weights at a scale where logits are peaked enough for greedy decoding to be meaningful."""
+    if hub_key.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if hub_key.endswith(".w2"):
+        fan_in = config.ffn_hidden_size
+    elif hub_key == "transformer.wte.weight":
+        fan_in = 1
+    else:
+        fan_in = config.d_model
+    return torch.randn(shape, generator=generator) / fan_in ** 0.5
+
+
+def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards: int = 1,
+                            dtype: torch.dtype = torch.bfloat16, force: bool = False,
+                            progress: bool = True) -> Path:
+    """A random-weight checkpoint in exactly the hub layout, written atomically."""
+    out = Path(out)
+    if shards < 1:
+        raise DbrxAotError(f"--shards={shards}, expected at least 1")
+    if out.exists() and not force:
+        raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
+    shapes = hub_shapes(config)
+    keys = list(shapes)
+    if shards > len(keys):
+        raise DbrxAotError(f"--shards={shards}, expected at most {len(keys)} (the number of tensors)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        groups = [keys[i * len(keys) // shards:(i + 1) * len(keys) // shards] for i in range(shards)]
+        weight_map, total = {}, 0
+        bar = tqdm(total=len(keys), desc="writing random weights", unit="tensor", disable=not progress)
+        for n, group in enumerate(groups, 1):
+            name = SINGLE_FILE if shards == 1 else f"model-{n:05d}-of-{shards:05d}.safetensors"
+            specs = [(key, shapes[key], dtype) for key in group]
+            with StreamingWriter(tmp / name, specs) as writer:
+                for key in group:
+                    tensor = random_tensor(key, shapes[key], config, generator).to(dtype)
+                    writer.write(key, tensor)
+                    total += tensor.numel() * tensor.element_size()
+                    weight_map[key] = name
+                    bar.update()
+        bar.close()
+        if shards > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        hf_config = config.to_hf_dict()
+        hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": SPECIAL_TOKENS["<|endoftext|>"], "eos_token_id": list(EOS_IDS),
+             "pad_token_id": SPECIAL_TOKENS["<|pad|>"]}, indent=2))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+             "unk_token": "<|endoftext|>", "model_max_length": config.max_seq_len,
+             "tokenizer_class": "GPT2Tokenizer", "chat_template": CHAT_TEMPLATE}, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an existing one (--force) is removed only then."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+

@@ -1,0 +1,134 @@
+"""The ``dbrx-aot`` command line: each command parses its options and calls one library function.
+
+User mistakes print one line (``error: ...``) and exit with code 2; ``--debug`` shows the traceback.
+Results go to stdout, logs and progress bars to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from dbrx_aot.errors import DbrxAotError
+
+EXIT_USAGE = 2
+
+
+class Context:
+    def __init__(self, debug: bool, quiet: bool):
+        self.debug = debug
+        self.quiet = quiet
+
+
+def handles_errors(fn):
+    """Turn DbrxAotError (and Ctrl-C) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context().find_object(Context)
+        try:
+            return fn(*args, **kwargs)
+        except DbrxAotError as err:
+            if ctx is not None and ctx.debug:
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            if ctx is not None and ctx.debug:
+                raise
+            click.echo("error: interrupted", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="dbrx-aot")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """DBRX ahead of time: export a Hugging Face DBRX checkpoint to AOTInductor and ONNX, and run it."""
+    ctx.obj = Context(debug, quiet)
+
+
+def progress_enabled() -> bool:
+    return not click.get_current_context().find_object(Context).quiet
+
+
+@cli.command("random-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", "preset_name", default="tiny", show_default=True,
+              type=click.Choice(["tiny", "small", "dbrx-132b"]), help="Model size.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--shards", default=1, show_default=True, help="Number of safetensors shards.")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype stored on disk.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@handles_errors
+def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, force: bool) -> None:
+    """Write a random-weight DBRX checkpoint in exactly the Hugging Face hub layout.
+
+    \b
+    Example:
+      dbrx-aot random-checkpoint build/tiny --preset tiny --seed 0 --shards 3
+    """
+    from dbrx_aot.checkpoint import write_random_checkpoint
+    from dbrx_aot.config import parse_dtype, preset
+
+    path = write_random_checkpoint(out, preset(preset_name), seed=seed, shards=shards, dtype=parse_dtype(dtype),
+                                   force=force, progress=progress_enabled())
+    click.echo(str(path))
+
+
+RUNTIME_OPTION = click.option("--runtime", default="eager", show_default=True,
+                              help="eager, aoti, onnxruntime, or an installed plugin's name.")
+DEVICE_OPTION = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+
+
+@cli.command("generate")
+@click.argument("path", type=click.Path(path_type=Path))
+@RUNTIME_OPTION
+@DEVICE_OPTION
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template (as the user's turn).")
+@click.option("--system", default=None, help="System prompt for --chat (default: DBRX's own).")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", default=None, type=int)
+@click.option("--top-p", default=None, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
+              help="A prompt longer than the cache: fail, or keep its last tokens.")
+@handles_errors
+def generate_cmd(path: Path, runtime: str, device: str, prompt: str, chat: bool, system: str | None,
+                 max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                 seed: int | None, truncate: str) -> None:
+    """Generate text from a prompt, streaming it to stdout; tokens/s go to stderr.
+
+    PATH is an artifact directory (any runtime) or a Hugging Face checkpoint (eager).
+
+    \b
+    Example:
+      dbrx-aot generate build/artifact --runtime aoti --prompt "Hello" --max-new-tokens 32
+    """
+    from dbrx_aot.app import generate_text
+
+    stats = generate_text(path, runtime=runtime, device=device, prompt=prompt, chat=chat, system=system,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, truncate=truncate, write=lambda s: click.echo(s, nl=False),
+                          progress=progress_enabled())
+    click.echo("")
+    click.echo(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tok/s, "
+               f"{runtime} on {device})", err=True)
+
+
+def main() -> None:
+    cli(prog_name="dbrx-aot")
+
+
+if __name__ == "__main__":
+    main()

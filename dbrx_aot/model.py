@@ -1,0 +1,226 @@
+"""DBRX as one static-shape graph, written once for torch.export, AOTInductor and ONNX.
+
+What is DBRX specific (FACTS.md): a fused Wqkv projection clamped to [-clip_qkv, clip_qkv]
+before RoPE; rotate-half RoPE with theta 5e5; grouped-query attention (48 query heads over 8 KV
+heads); bias-free LayerNorms; a fine-grained MoE of 16 experts, top-4, with an fp32 router softmax
+and p-norm renormalised weights; experts stored flat as [E*F, D] (here [E, F, D]) with w2 used
+without a transpose; an untied lm_head.
+
+Static shapes: B rows, T tokens per call (T = P for prefill, 1 for decode), a KV cache of S slots.
+The cache is passed in, never held: ``DbrxModel.forward`` reads it and returns the step's new
+keys and values; ``CachedStep`` (the graph AOTInductor compiles) also writes them into the cache
+in place, while the ONNX graph returns them for its runtime to write.
+
+Attention reads the cache slots before the row's first position in this call (``j <
+positions[b, 0]``) plus the call's own new keys, causally by index within the call. Padding
+tokens sit after a row's real tokens, so no real query sees them; they may write junk into future
+cache slots, which a real token overwrites before any query can read them.
+
+Shape legend: B batch, T tokens in the call, S cache slots, L layers, H query heads, K kv heads,
+G = H / K query heads per kv head, hd head dim, D model width, E experts, k top-k, F expert ffn
+width, V vocabulary, N = B * T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F_
+from torch import nn
+
+from dbrx_aot.config import NORM_EPS, DbrxConfig
+
+MoeMode = Literal["dense", "gather"]
+MOE_MODES = ("auto", "dense", "gather")
+
+
+def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig) -> MoeMode:
+    """``auto``: gather when the call's tokens pick fewer expert slots than there are experts."""
+    if mode == "auto":
+        return "gather" if tokens_per_call * config.moe_top_k < config.moe_num_experts else "dense"
+    if mode not in ("dense", "gather"):
+        raise ValueError(f"moe mode {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, hd] in fp32, cast to the model dtype (as the reference does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+                                / head_dim))                       # [hd/2]
+    angles = positions.to(torch.float32)[..., None] * inv_freq     # [B, T, hd/2]
+    emb = torch.cat((angles, angles), dim=-1)                      # [B, T, hd]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.config = config
+        self.Wqkv = nn.Linear(config.d_model, config.qkv_size, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, mask):
+        # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, G*T, S+T]
+        c = self.config
+        B, T, _ = x.shape
+        H, K, hd = c.n_heads, c.kv_n_heads, c.head_dim
+        G, S = H // K, k_cache.shape[2]
+        qkv = self.Wqkv(x)                                              # [B, T, D + 2*K*hd]
+        if c.clip_qkv is not None:
+            qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
+        q, k, v = qkv.split([c.d_model, K * hd, K * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)                         # [B, H, T, hd]
+        k = k.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
+        v = v.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Query head h uses kv head h // G: group the G query heads of a kv head as rows.
+        qg = q.reshape(B, K, G * T, hd)                                 # [B, K, G*T, hd]
+        scale = 1.0 / math.sqrt(hd)
+        scores = torch.cat((qg @ k_cache.transpose(2, 3),               # [B, K, G*T, S]
+                            qg @ k.transpose(2, 3)), dim=-1) * scale    # [B, K, G*T, S+T]
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)               # [B, K, G*T, S+T]
+        out = probs[..., :S] @ v_cache + probs[..., S:] @ v             # [B, K, G*T, hd]
+        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, c.d_model)  # [B, T, D]
+        return self.out_proj(out), k, v
+
+
+class MoE(nn.Module):
+    """Router + experts. Expert weights are [E, F, D]: out_e = (silu(h w1_e^T) * h v1_e^T) w2_e."""
+
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.config = config
+        E, F, D = config.moe_num_experts, config.ffn_hidden_size, config.d_model
+        self.router = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, F, D))
+        self.v1 = nn.Parameter(torch.empty(E, F, D))
+        self.w2 = nn.Parameter(torch.empty(E, F, D))
+
+    def route(self, h):
+        # h [N, D] -> top weights [N, k] (model dtype), top experts [N, k]
+        c = self.config
+        probs = torch.softmax(self.router(h).float(), dim=-1)          # [N, E] fp32
+        top_w, top_e = torch.topk(probs, c.moe_top_k, dim=-1)           # [N, k]
+        if c.moe_normalize_expert_weights is not None:
+            top_w = top_w / torch.linalg.vector_norm(top_w, ord=c.moe_normalize_expert_weights,
+                                                     dim=-1, keepdim=True)
+        return top_w.to(h.dtype), top_e
+
+    def forward(self, x, mode: MoeMode):
+        B, T, D = x.shape
+        h = x.reshape(B * T, D)                                         # [N, D]
+        top_w, top_e = self.route(h)
+        if mode == "dense":
+            # Every expert on every token, weighted by its routing weight (0 when not chosen).
+            weights = torch.zeros(h.shape[0], self.config.moe_num_experts, dtype=h.dtype,
+                                  device=h.device).scatter(1, top_e, top_w)           # [N, E]
+            gate = F_.silu(h @ self.w1.transpose(1, 2))                # [E, N, F]
+            up = h @ self.v1.transpose(1, 2)                            # [E, N, F]
+            y = (gate * up) @ self.w2                                   # [E, N, D]
+            out = (y * weights.t()[:, :, None]).sum(dim=0)              # [N, D]
+        else:
+            # Only the chosen experts' rows, gathered by index per token.
+            w1, v1, w2 = self.w1[top_e], self.v1[top_e], self.w2[top_e]  # [N, k, F, D]
+            hk = h[:, None, None, :]                                    # [N, 1, 1, D]
+            gate = F_.silu((hk * w1).sum(-1))                           # [N, k, F]
+            up = (hk * v1).sum(-1)                                      # [N, k, F]
+            y = ((gate * up)[..., None] * w2).sum(2)                    # [N, k, D]
+            out = (y * top_w[..., None]).sum(1)                         # [N, D]
+        return out.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
+        self.attn = Attention(config)
+        self.norm_2 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
+        self.ffn = MoE(config)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, mask, moe: MoeMode):
+        a, k, v = self.attn(self.norm_1(x), cos, sin, k_cache, v_cache, mask)
+        x = x + a
+        x = x + self.ffn(self.norm_2(x), moe)
+        return x, k, v
+
+
+class DbrxModel(nn.Module):
+    def __init__(self, config: DbrxConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_f = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, tokens, positions, k_cache, v_cache, moe: MoeMode = "dense"):
+        """tokens, positions [B, T] int64; k_cache, v_cache [L, B, K, S, hd], read only.
+
+        Returns logits [B, T, V] and the call's new keys and values [L, B, K, T, hd].
+        """
+        c = self.config
+        B, T = tokens.shape
+        S = k_cache.shape[3]
+        G = c.n_heads // c.kv_n_heads
+        x = self.wte(tokens)                                            # [B, T, D]
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
+        slots = torch.arange(S, device=tokens.device)
+        cached = slots[None, :] < positions[:, :1]                       # [B, S]
+        index = torch.arange(T, device=tokens.device)
+        causal = index[None, :] <= index[:, None]                        # [T, T]
+        mask = torch.cat((cached[:, None, :].expand(B, G * T, S),
+                          causal.repeat(G, 1)[None].expand(B, G * T, T)), dim=-1)[:, None]  # [B, 1, G*T, S+T]
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_head(self.norm_f(x))                           # [B, T, V]
+        return logits, torch.stack(new_k), torch.stack(new_v)           # [L, B, K, T, hd]
+
+
+def write_cache_(k_cache, v_cache, new_k, new_v, positions) -> None:
+    """Write the call's keys/values [L, B, K, T, hd] at their positions [B, T], in place."""
+    L, B, K, T, hd = new_k.shape
+    index = positions[None, :, None, :, None].expand(L, B, K, T, hd)
+    k_cache.scatter_(3, index, new_k)
+    v_cache.scatter_(3, index, new_v)
+
+
+class CachedStep(nn.Module):
+    """The graph AOTInductor compiles (and eager runs): logits out, cache updated in place."""
+
+    def __init__(self, model: DbrxModel, moe: MoeMode):
+        super().__init__()
+        self.model = model
+        self.moe = moe
+
+    def forward(self, tokens, positions, k_cache, v_cache):
+        logits, new_k, new_v = self.model(tokens, positions, k_cache, v_cache, self.moe)
+        write_cache_(k_cache, v_cache, new_k, new_v, positions)
+        return logits
+
+
+class FunctionalStep(nn.Module):
+    """The graph ONNX exports: no mutation, the call's new keys and values are returned."""
+
+    def __init__(self, model: DbrxModel, moe: MoeMode):
+        super().__init__()
+        self.model = model
+        self.moe = moe
+
+    def forward(self, tokens, positions, k_cache, v_cache):
+        return self.model(tokens, positions, k_cache, v_cache, self.moe)
+
+
+def cache_shape(config: DbrxConfig, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+    return (config.n_layers, batch_size, config.kv_n_heads, max_seq_len, config.head_dim)

@@ -1,0 +1,1 @@
+"""Export: torch.export tracing, AOTInductor packaging, ONNX export, the artifact manifest."""

@@ -1,0 +1,147 @@
+"""Runtimes: what executes the two graphs (prefill, decode) over a KV cache the caller owns.
+
+Built-ins are listed in ``BUILTIN``; third parties add one through the entry point group
+``dbrx_aot.runtimes`` (name -> a class with ``load(path, device=..., **options)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dbrx_aot.config import DbrxConfig
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.tokenizer import Tokenizer
+
+BUILTIN = {
+    "eager": "dbrx_aot.runtimes.eager:EagerRuntime",
+    "aoti": "dbrx_aot.runtimes.aoti:AotiRuntime",
+    "onnxruntime": "dbrx_aot.runtimes.onnxruntime:OnnxRuntime",
+}
+ENTRY_POINT_GROUP = "dbrx_aot.runtimes"
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values [L, B, K, S, hd], owned by the application; one per conversation."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    name: str
+    config: DbrxConfig
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int     # B: rows per call
+    max_seq_len: int    # S: cache slots per row
+    prefill_chunk: int  # P: tokens per prefill call
+
+    def new_cache(self) -> KVCache: ...
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions [B, P] -> logits [B, P, V]; writes the P positions into ``cache``."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions [B, 1] -> logits [B, 1, V]; writes the position into ``cache``."""
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] on a fresh cache -> logits [B, T, V] for every position."""
+
+
+class RuntimeBase:
+    """What every runtime shares: the cache, input checks, and ``logits`` through prefill."""
+
+    name = "base"
+    config: DbrxConfig
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    max_seq_len: int
+    prefill_chunk: int
+
+    def cache_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.n_layers, self.batch_size, c.kv_n_heads, self.max_seq_len, c.head_dim)
+
+    def new_cache(self) -> KVCache:
+        shape = self.cache_shape()
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def check_call(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, width: int):
+        expected = (self.batch_size, width)
+        for label, t in (("tokens", tokens), ("positions", positions)):
+            if tuple(t.shape) != expected:
+                raise DbrxAotError(f"{self.name} runtime: {label} shape {list(t.shape)}, expected {list(expected)} "
+                                   f"(batch size and chunk length are fixed at export)")
+        for label, t in (("cache.k", cache.k), ("cache.v", cache.v)):
+            if tuple(t.shape) != self.cache_shape() or t.dtype != self.dtype:
+                raise DbrxAotError(f"{self.name} runtime: {label} is {list(t.shape)} {t.dtype}, expected "
+                                   f"{list(self.cache_shape())} {self.dtype} (use runtime.new_cache())")
+        return tokens.to(self.device, torch.int64), positions.to(self.device, torch.int64)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if B != self.batch_size or T > self.max_seq_len:
+            raise DbrxAotError(f"{self.name} runtime: input_ids {list(input_ids.shape)}, expected "
+                               f"[{self.batch_size}, <= {self.max_seq_len}]")
+        cache = self.new_cache()
+        P = self.prefill_chunk
+        out = []
+        for start in range(0, T, P):
+            chunk = input_ids[:, start:start + P].to(self.device)
+            n = chunk.shape[1]
+            positions = torch.arange(start, start + P, device=self.device).clamp(max=self.max_seq_len - 1)
+            tokens = torch.nn.functional.pad(chunk, (0, P - n), value=self.tokenizer.pad_id)
+            logits = self.prefill(tokens, positions.expand(B, P), cache)
+            out.append(logits[:, :n])
+        return torch.cat(out, dim=1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DbrxAotError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DbrxAotError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                               f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DbrxAotError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise DbrxAotError(f"--device {device}: expected cpu or cuda")
+    return dev
+
+
+def runtime_names() -> list[str]:
+    return list(BUILTIN) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN]
+
+
+def runtime_class(name: str):
+    if name in BUILTIN:
+        module, attr = BUILTIN[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    raise DbrxAotError(f"unknown runtime {name!r}, expected one of {', '.join(runtime_names())}")
+
+
+def load_runtime(path: str | Path, runtime: str = "eager", device: str | torch.device = "cpu",
+                 **options) -> Runtime:
+    """The front door: a checkpoint or artifact directory -> a loaded runtime."""
+    path = Path(path)
+    if not path.exists():
+        raise DbrxAotError(f"{path}: no such file or directory")
+    return runtime_class(runtime).load(path, device=device, **options)

@@ -1,0 +1,67 @@
+"""The eager PyTorch runtime: the reference every compiled artifact is checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dbrx_aot.checkpoint import load_model
+from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
+from dbrx_aot.runtimes import KVCache, RuntimeBase, resolve_device
+from dbrx_aot.tokenizer import Tokenizer
+
+class EagerRuntime(RuntimeBase):
+    name = "eager"
+
+    def __init__(self, model: DbrxModel, tokenizer: Tokenizer, *, batch_size: int, max_seq_len: int,
+                 prefill_chunk: int, moe: str = "auto"):
+        config = model.config
+        check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
+        if moe not in MOE_MODES:
+            raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
+        self.model = model
+        self.config: DbrxConfig = config
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.batch_size, self.max_seq_len, self.prefill_chunk = batch_size, max_seq_len, prefill_chunk
+        self.moe = moe
+        self._prefill = CachedStep(model, resolve_moe_mode(moe, batch_size * prefill_chunk, config))
+        self._decode = CachedStep(model, resolve_moe_mode(moe, batch_size, config))
+
+    @classmethod
+    def load(cls, path: Path, device="cpu", dtype=None, batch_size: int = 1, max_seq_len: int | None = None,
+             prefill_chunk: int | None = None, moe: str = "auto", progress: bool = True) -> EagerRuntime:
+        """A Hugging Face checkpoint directory, or an artifact directory (its weights/ and shapes)."""
+        from dbrx_aot.export.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
+
+        device = resolve_device(device)
+        path = Path(path)
+        if (path / MANIFEST).is_file():
+            manifest = Manifest.read(path)
+            dtype = parse_dtype(dtype or manifest.dtype)
+            model = load_model(path, manifest.config, dtype, device,
+                               weights=manifest.iter_weights(path, dtype, progress=progress))
+            return cls(model, manifest.tokenizer_obj(), batch_size=manifest.batch_size,
+                       max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe)
+        config = DbrxConfig.from_file(path)
+        dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        max_seq_len = max_seq_len or min(config.max_seq_len, 4096)
+        prefill_chunk = prefill_chunk or min(max_seq_len, 64)
+        model = load_model(path, config, dtype, device, progress=progress)
+        return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
+                   prefill_chunk=prefill_chunk, moe=moe)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
+        return self._prefill(tokens, positions, cache.k, cache.v)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        tokens, positions = self.check_call(tokens, positions, cache, 1)
+        return self._decode(tokens, positions, cache.k, cache.v)
+
