@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.runtimes import KVCache, Runtime
+from dbrx_aot.runtimes import PAD_TOKEN, KVCache, Runtime
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -84,7 +84,7 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
         generator.manual_seed(seed)
     else:
         generator.seed()
-    pad = runtime.tokenizer.pad_id
+    pad = PAD_TOKEN
     rows = [list(p) for p in prompts] + [[pad]] * (B - n)  # unused rows run a one-token dummy
     offs = offsets + [0] * (B - n)
     lengths = [len(r) for r in rows]

@@ -24,6 +24,9 @@ BUILTIN = {
     "onnxruntime": "dbrx_aot.runtimes.onnxruntime:OnnxRuntime",
 }
 ENTRY_POINT_GROUP = "dbrx_aot.runtimes"
+# The token id in padding slots (after a row's last token, and in unused rows). Any valid id would
+# do: no real position ever attends to a padding slot. 0 is valid in every vocabulary.
+PAD_TOKEN = 0
 
 
 @dataclasses.dataclass
@@ -102,7 +105,7 @@ class RuntimeBase:
             chunk = input_ids[:, start:start + P].to(self.device)
             n = chunk.shape[1]
             positions = torch.arange(start, start + P, device=self.device).clamp(max=self.max_seq_len - 1)
-            tokens = torch.nn.functional.pad(chunk, (0, P - n), value=self.tokenizer.pad_id)
+            tokens = torch.nn.functional.pad(chunk, (0, P - n), value=PAD_TOKEN)
             logits = self.prefill(tokens, positions.expand(B, P), cache)
             out.append(logits[:, :n])
         return torch.cat(out, dim=1)

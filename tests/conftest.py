@@ -1,0 +1,70 @@
+"""Shared fixtures: random checkpoints in the real hub layout, built once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbrx_aot.checkpoint import write_random_checkpoint
+from dbrx_aot.config import DbrxConfig, preset
+
+# Tolerances, keyed by (runtime, dtype): max absolute logit error against the eager model (for
+# "reference", eager against transformers' DbrxForCausalLM).
+TOLERANCE = {
+    ("reference", torch.float32): 1e-4,
+    ("eager", torch.float32): 1e-5,      # eager against itself in another arrangement (chunks, batch)
+    ("aoti", torch.float32): 1e-4,
+    ("onnxruntime", torch.float32): 1e-4,
+}
+
+# A small-vocabulary base for parity configs; each case overrides a few fields.
+BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, kv_n_heads=2, clip_qkv=8.0,
+            rope_theta=500000.0, ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2,
+            moe_normalize_expert_weights=1.0)
+
+PARITY_CASES = {
+    "base": {},
+    "clip_none_mha": dict(clip_qkv=None, kv_n_heads=4),
+    "clip_active_mqa": dict(clip_qkv=0.5, kv_n_heads=1),
+    "norm_none_top1": dict(moe_normalize_expert_weights=None, moe_top_k=1),
+    "norm_p2": dict(moe_normalize_expert_weights=2.0, moe_top_k=3),
+    "topk_all_odd": dict(d_model=36, n_heads=3, kv_n_heads=1, ffn_hidden_size=20, vocab_size=211,
+                         moe_num_experts=5, moe_top_k=5, n_layers=3, rope_theta=10000.0),
+}
+
+
+def parity_config(case: str) -> DbrxConfig:
+    return DbrxConfig(**{**BASE, **PARITY_CASES[case]})
+
+
+def make_checkpoint(root: Path, config: DbrxConfig, seed: int = 0, shards: int = 2,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    return write_random_checkpoint(root, config, seed=seed, shards=shards, dtype=dtype, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset (real vocabulary), three shards, bf16 on disk as the released model."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset("tiny"), seed=0, shards=3,
+                                   progress=False)
+
+
+@pytest.fixture(scope="session")
+def parity_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity")
+    return {case: make_checkpoint(root / case, parity_config(case), seed=n)
+            for n, case in enumerate(PARITY_CASES)}
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def replace_config(config: DbrxConfig, **changes) -> DbrxConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,113 @@
+"""The static-shape model: chunking, batching, caching and torch.export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dbrx_aot
+from conftest import TOLERANCE
+from dbrx_aot.model import CachedStep, FunctionalStep, resolve_moe_mode
+
+ATOL = TOLERANCE[("eager", torch.float32)]
+
+
+@pytest.fixture(scope="module")
+def path(parity_checkpoints):
+    return parity_checkpoints["base"]
+
+
+def load(path, **kw):
+    return dbrx_aot.load_runtime(path, "eager", progress=False, **{"max_seq_len": 64, "prefill_chunk": 8, **kw})
+
+
+def ids(n: int, seed: int, vocab: int = 256) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("moe", ["dense", "gather"])
+def test_chunked_prefill_equals_single_shot(path, moe):
+    x = torch.tensor([ids(30, 1)])
+    one_shot = load(path, prefill_chunk=32, moe=moe).logits(x)
+    for chunk in (1, 7, 8):
+        chunked = load(path, prefill_chunk=chunk, moe=moe).logits(x)
+        torch.testing.assert_close(chunked, one_shot, atol=ATOL, rtol=0)
+
+
+def test_batch_of_different_lengths_equals_each_alone(path):
+    prompts = [ids(3, 2), ids(19, 3), ids(11, 4)]
+    batched = load(path, batch_size=3)
+    alone = load(path, batch_size=1)
+    got = dbrx_aot.generate(batched, prompts, max_new_tokens=12, stop_ids=[])
+    for prompt, row in zip(prompts, got):
+        assert row == dbrx_aot.generate(alone, [prompt], max_new_tokens=12, stop_ids=[])[0]
+    # And the logits themselves: a row's valid positions are untouched by its neighbours' padding.
+    for b, prompt in enumerate(prompts):
+        solo = alone.logits(torch.tensor([prompt]))[0]
+        cache = batched.new_cache()
+        tokens = torch.zeros(3, 8, dtype=torch.int64)
+        n = min(len(prompt), 8)
+        tokens[b, :n] = torch.tensor(prompt[:n])
+        positions = torch.arange(8).expand(3, 8)
+        logits = batched.prefill(tokens, positions, cache)
+        torch.testing.assert_close(logits[b, :n], solo[:n], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("moe", ["dense", "gather", "auto"])
+def test_prefill_then_decode_equals_long_prefill(path, moe):
+    rt = load(path, moe=moe)
+    seq = ids(40, 5)
+    full = rt.logits(torch.tensor([seq]))[0]
+    cache = rt.new_cache()
+    start = 13
+    stepwise = []
+    for c in range(0, start, 8):
+        chunk = seq[c:min(c + 8, start)]
+        tokens = torch.tensor([chunk + [0] * (8 - len(chunk))])
+        logits = rt.prefill(tokens, torch.arange(c, c + 8)[None], cache)
+        stepwise.append(logits[0, :len(chunk)])
+    for p in range(start, len(seq)):
+        stepwise.append(rt.decode(torch.tensor([[seq[p]]]), torch.tensor([[p]]), cache)[0])
+    torch.testing.assert_close(torch.cat(stepwise), full, atol=ATOL, rtol=0)
+
+
+def test_padding_at_the_cache_end_does_not_corrupt(path):
+    """A last chunk that runs past S clamps its padding positions to S-1 and stays exact."""
+    rt = load(path, max_seq_len=20, prefill_chunk=8)
+    seq = ids(20, 6)
+    torch.testing.assert_close(rt.logits(torch.tensor([seq])), load(path, max_seq_len=20, prefill_chunk=20)
+                               .logits(torch.tensor([seq])), atol=ATOL, rtol=0)
+
+
+def test_auto_mode_picks_gather_for_small_decode(path):
+    rt = load(path, moe="auto")
+    config = rt.config
+    assert resolve_moe_mode("auto", 1, config) == "gather"       # 1 * k=2 < E=8
+    assert resolve_moe_mode("auto", 8, config) == "dense"        # 8 * 2 >= 8
+    assert rt._decode.moe == "gather" and rt._prefill.moe == "dense"
+
+
+@pytest.mark.parametrize("moe", ["dense", "gather"])
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_torch_export_in_every_moe_mode(path, moe, graph):
+    """Both graph forms export with strict=False: no graph break, no data-dependent shape."""
+    rt = load(path, batch_size=2)
+    T = 8 if graph == "prefill" else 1
+    tokens = torch.tensor([ids(T, 7), ids(T, 8)])
+    positions = torch.tensor([list(range(5, 5 + T)), list(range(0, T))])
+    for step in (CachedStep(rt.model, moe), FunctionalStep(rt.model, moe)):
+        cache = rt.new_cache()
+        cache.k.normal_()
+        cache.v.normal_()
+        args = (tokens, positions, cache.k.clone(), cache.v.clone())
+        program = torch.export.export(step, args, strict=False)
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert not targets & {"aten._local_scalar_dense.default", "aten.nonzero.default"}  # .item(), where()
+        assert not program.range_constraints  # no symbolic (data-dependent) sizes
+        eager_args = (tokens, positions, cache.k.clone(), cache.v.clone())
+        expected = step(*eager_args)
+        exported_args = (tokens, positions, cache.k.clone(), cache.v.clone())
+        got = program.module()(*exported_args)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        if isinstance(step, CachedStep):  # the cache mutation survives export
+            torch.testing.assert_close(exported_args[2], eager_args[2], atol=ATOL, rtol=0)
