@@ -7,6 +7,7 @@ Results go to stdout, logs and progress bars to stderr.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def handles_errors(fn):
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """DBRX ahead of time: export a Hugging Face DBRX checkpoint to AOTInductor and ONNX, and run it."""
     ctx.obj = Context(debug, quiet)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
 def progress_enabled() -> bool:
@@ -124,6 +126,49 @@ def generate_cmd(path: Path, runtime: str, device: str, prompt: str, chat: bool,
     click.echo("")
     click.echo(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tok/s, "
                f"{runtime} on {device})", err=True)
+
+
+@cli.command("export")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="The artifact directory to write.")
+@click.option("--format", "formats", default="aoti", show_default=True, help="aoti, onnx, or aoti,onnx.")
+@DEVICE_OPTION
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--batch-size", default=1, show_default=True, help="B: rows per call (static).")
+@click.option("--max-seq-len", default=None, type=int, help="S: cache slots per row [default: min(model, 4096)].")
+@click.option("--prefill-chunk", default=None, type=int, help="P: tokens per prefill call [default: min(S, 64)].")
+@click.option("--moe", default="auto", show_default=True, type=click.Choice(["auto", "dense", "gather"]),
+              help="auto: gather for decode when B*top_k < experts, dense otherwise.")
+@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("--skip-weights", is_flag=True, help="Compile only: no weights (the artifact cannot run).")
+@click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
+              help="With --skip-weights and no CHECKPOINT: compile this configuration.")
+@handles_errors
+def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, batch_size: int,
+               max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool, skip_weights: bool,
+               preset_name: str | None) -> None:
+    """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
+
+    \b
+    Examples:
+      dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 256 --prefill-chunk 32
+      dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
+    """
+    from dbrx_aot.config import preset
+    from dbrx_aot.export import export_artifact
+    from dbrx_aot.export.artifact import artifact_size_report
+
+    if checkpoint is None and preset_name is None:
+        raise DbrxAotError("export: give a CHECKPOINT directory, or --preset NAME with --skip-weights")
+    if checkpoint is not None and preset_name is not None:
+        raise DbrxAotError("export: give a CHECKPOINT or --preset, not both")
+    report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype, batch_size=batch_size,
+                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
+                             skip_weights=skip_weights, config=preset(preset_name) if preset_name else None,
+                             progress=progress_enabled())
+    click.echo(artifact_size_report(report.sizes))
+    click.echo(str(report.path))
 
 
 def main() -> None:

@@ -1,0 +1,33 @@
+"""AOTInductor packaging: one .pt2 per graph, compiled with the weights kept out of the .so.
+
+The packages receive the weights at load time (``load_constants(..., user_managed=True)``), so
+prefill and decode share one copy of them, the artifact's weights/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch._inductor
+
+from dbrx_aot.model import DbrxModel
+from dbrx_aot.export.trace import GraphSpec, export_program
+
+# The module AOTInductor compiles wraps the model as ``model``: a constant's name in the package
+# is this prefix + the weight's name in weights/.
+CONSTANT_PREFIX = "model."
+
+INDUCTOR_CONFIGS = {
+    "aot_inductor.package_constants_in_so": False,  # weights live once, in weights/
+}
+
+
+def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path) -> Path:
+    """torch.export the in-place-cache graph and compile it into ``out`` (.pt2)."""
+    program = export_program(model, spec, batch_size, max_seq_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out),
+                                                        inductor_configs=INDUCTOR_CONFIGS)
+    return Path(path)

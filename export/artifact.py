@@ -1,0 +1,179 @@
+"""``export_artifact``: a Hugging Face DBRX checkpoint -> an artifact directory (DESIGN.md).
+
+Written into a temporary directory beside the target and renamed into place at the end, so an
+interrupted export (Ctrl-C, kill, full disk) never leaves anything at the target that loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import dbrx_aot
+from dbrx_aot.checkpoint import checkpoint_shards, iter_checkpoint, replace_dir
+from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.export.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
+from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
+from dbrx_aot.model import MOE_MODES, resolve_moe_mode
+from dbrx_aot.runtimes import resolve_device
+from dbrx_aot.safetensors_io import StreamingWriter, open_checked
+from dbrx_aot.tokenizer import Tokenizer
+
+log = logging.getLogger("dbrx_aot.export")
+
+FORMATS = ("aoti", "onnx")
+
+
+@dataclasses.dataclass
+class ExportReport:
+    path: Path
+    timings: dict[str, dict]
+    sizes: dict[str, int]  # relative path -> bytes
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"dbrx_aot": dbrx_aot.__version__, "torch": torch.__version__,
+                                    "cuda": torch.version.cuda, "python": platform.python_version()}
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = tuple(f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip())
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise DbrxAotError(f"--format {','.join(items) or '(empty)'}: expected aoti, onnx or aoti,onnx")
+    return tuple(f for f in FORMATS if f in items)
+
+
+def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
+                    batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
+                    moe: str = "auto", force: bool = False, skip_weights: bool = False,
+                    config: DbrxConfig | None = None, progress: bool = True) -> ExportReport:
+    """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
+
+    ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
+    will do (compile-only: the result holds no weights and cannot run).
+    """
+    out = Path(out)
+    formats = parse_formats(formats)
+    if checkpoint is not None:
+        config = DbrxConfig.from_file(checkpoint)
+        checkpoint_shards(checkpoint)  # fail now, not after compiling, on a missing or pickled file
+    elif config is None or not skip_weights:
+        raise DbrxAotError("export: give a CHECKPOINT directory (or --preset with --skip-weights)")
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    max_seq_len = max_seq_len or min(config.max_seq_len, 4096)
+    prefill_chunk = prefill_chunk or min(max_seq_len, 64)
+    check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
+    if moe not in MOE_MODES:
+        raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
+    if out.exists() and not force:
+        raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
+    specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, config)),
+             "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, config))}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    timings: dict[str, dict] = {}
+    try:
+        weights = {}
+        if not skip_weights:
+            with stage("convert weights", timings):
+                weights = convert_weights(checkpoint, config, torch_dtype, tmp / WEIGHTS_DIR, progress)
+        graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype,
+                                       functional="onnx" in formats and "aoti" not in formats)
+                  for name in GRAPHS}
+        with stage("build empty model", timings):
+            model = empty_model(config, torch_dtype, dev)
+        if "aoti" in formats:
+            from dbrx_aot.export.aoti import compile_package
+
+            for name in GRAPHS:
+                with stage(f"aoti {name}: export + compile", timings):
+                    compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
+                graphs[name]["aoti"] = f"aoti/{name}.pt2"
+        if "onnx" in formats:
+            from dbrx_aot.export.onnx import export_onnx
+
+            for name in GRAPHS:
+                with stage(f"onnx {name}: export", timings):
+                    graphs[name]["onnx"] = export_onnx(model, specs[name], batch_size, max_seq_len, tmp, weights)
+                graphs[name]["onnx_outputs"] = io_description(config, specs[name], batch_size, max_seq_len,
+                                                              torch_dtype, functional=True)["outputs"]
+        del model
+        with stage("checksums", timings):
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = path.relative_to(tmp).as_posix()
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        tokenizer = Tokenizer.from_checkpoint(checkpoint) if checkpoint is not None else Tokenizer()
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, versions=versions(), device=dev.type,
+            dtype=str(torch_dtype).removeprefix("torch."), batch_size=batch_size, max_seq_len=max_seq_len,
+            prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
+            formats=list(formats), graphs=graphs, weights=weights,
+            tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
+                       "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},
+            files=files)
+        manifest.write(tmp)
+        replace_dir(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise DbrxAotError(f"{out}: export failed writing {err.filename or tmp} ({reason}); nothing was "
+                           "left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {rel: info["bytes"] for rel, info in files.items()}
+    log.info("exported %s (%s), %.1f MB", out, ", ".join(formats), sum(sizes.values()) / 1e6)
+    return ExportReport(out, timings, sizes)
+
+
+def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, out: Path,
+                    progress: bool) -> dict[str, str]:
+    """Hub checkpoint -> weights/ in the graph's names, layout and dtype, one tensor at a time.
+
+    One output file per input shard; returns {graph name: file name}.
+    """
+    from dbrx_aot.checkpoint import graph_shapes, hub_to_graph_keys
+
+    out.mkdir(parents=True)
+    shapes = graph_shapes(config)
+    graph_keys = hub_to_graph_keys(config)
+    shards = checkpoint_shards(checkpoint)
+    plan: list[tuple[str, list[str]]] = []
+    for n, shard in enumerate(shards, 1):
+        with open_checked(shard) as f:
+            names = [graph_keys[k] for k in f.keys() if k in graph_keys]
+        plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors", names))
+    weights: dict[str, str] = {}
+    source = iter_checkpoint(checkpoint, config, dtype, progress)  # validates every key and shape
+    for file, names in plan:
+        with StreamingWriter(out / file, [(n, shapes[n], dtype) for n in names]) as writer:
+            for expected in names:
+                name, tensor = next(source)
+                assert name == expected, (name, expected)
+                writer.write(name, tensor)
+                weights[name] = file
+    for _ in source:  # drain: raises on missing keys
+        pass
+    return weights
+
+
+def artifact_size_report(sizes: dict[str, int]) -> str:
+    return "\n".join(f"{size / 1e6:10.1f} MB  {rel}" for rel, size in sorted(sizes.items()))

@@ -1,0 +1,88 @@
+"""Tracing without weights: the model on empty storage, example inputs, torch.export, stage logs."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dbrx_aot.config import DbrxConfig
+from dbrx_aot.model import CachedStep, DbrxModel, FunctionalStep, MoeMode, cache_shape
+
+log = logging.getLogger("dbrx_aot.export")
+
+GRAPHS = ("prefill", "decode")
+
+
+def peak_rss_gb() -> tuple[float, float]:
+    """Peak resident memory of this process and of its finished children (the C++ compiler), GB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    return own, children
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    """Log a stage's wall time and peak RSS, and record them."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    own, children = peak_rss_gb()
+    timings[name] = {"seconds": round(seconds, 2), "peak_rss_gb": round(own, 3),
+                     "peak_child_rss_gb": round(children, 3)}
+    log.info("%s: %.1f s, peak RSS %.2f GB (compiler processes %.2f GB)", name, seconds, own, children)
+
+
+def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device) -> DbrxModel:
+    """The model with uninitialised storage: on CPU, virtual memory whose pages are never touched,
+    so tracing and compiling the 132B configuration costs no RAM for weights."""
+    with torch.device("meta"):
+        model = DbrxModel(config)
+    return model.to(dtype).to_empty(device=device).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str         # prefill or decode
+    tokens: int       # T: P for prefill, 1 for decode
+    moe: MoeMode
+
+
+def example_inputs(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int,
+                   dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    shape = cache_shape(config, batch_size, max_seq_len)
+    T = spec.tokens
+    return (torch.zeros(batch_size, T, dtype=torch.int64, device=device),
+            torch.arange(T, device=device).expand(batch_size, T).contiguous(),
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device))
+
+
+def io_description(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                   functional: bool) -> dict:
+    """The graph's inputs and outputs as the manifest records them."""
+    dt = str(dtype).removeprefix("torch.")
+    cache = list(cache_shape(config, batch_size, max_seq_len))
+    T = spec.tokens
+    inputs = [{"name": "tokens", "shape": [batch_size, T], "dtype": "int64"},
+              {"name": "positions", "shape": [batch_size, T], "dtype": "int64"},
+              {"name": "k_cache", "shape": cache, "dtype": dt},
+              {"name": "v_cache", "shape": cache, "dtype": dt}]
+    outputs = [{"name": "logits", "shape": [batch_size, T, config.vocab_size], "dtype": dt}]
+    if functional:
+        new = [config.n_layers, batch_size, config.kv_n_heads, T, config.head_dim]
+        outputs += [{"name": "new_k", "shape": new, "dtype": dt}, {"name": "new_v", "shape": new, "dtype": dt}]
+    return {"inputs": inputs, "outputs": outputs, "moe": spec.moe, "tokens_per_call": T}
+
+
+def export_program(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int,
+                   functional: bool = False) -> torch.export.ExportedProgram:
+    param = next(model.parameters())
+    step = (FunctionalStep if functional else CachedStep)(model, spec.moe)
+    args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
+    return torch.export.export(step, args, strict=False)
