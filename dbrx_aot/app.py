@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.export.manifest import MANIFEST
 from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import Runtime, load_runtime
 from dbrx_aot.tokenizer import TextStream
@@ -32,24 +33,36 @@ def prompt_ids(runtime: Runtime, prompt: str, chat: bool, system: str | None, tr
     return ids
 
 
-def generate_text(path: Path, *, runtime: str, device: str, prompt: str, chat: bool = False,
+def generate_text(path: Path, *, runtime: str, device: str, prompts: list[str], chat: bool = False,
                   system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                   truncate: str = "error", write: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Load a runtime, generate from one prompt, stream the text through ``write``; return timings."""
-    rt = load_runtime(path, runtime=runtime, device=device, progress=progress)
-    ids = prompt_ids(rt, prompt, chat, system, truncate)
+    """Load a runtime and generate from each prompt (one batch). A single prompt streams its text
+    through ``write`` as it is generated; several are written when done, one block each."""
+    # An artifact fixes the batch size; eager on a checkpoint has free shapes, so size it to the prompts.
+    free_shapes = runtime == "eager" and not (Path(path) / MANIFEST).is_file()
+    options = {"batch_size": len(prompts)} if free_shapes and prompts else {}
+    rt = load_runtime(path, runtime=runtime, device=device, progress=progress, **options)
+    if not 1 <= len(prompts) <= rt.batch_size:
+        raise DbrxAotError(f"{len(prompts)} prompts, but {path} runs batches of {rt.batch_size} "
+                           "(--batch-size at export)")
+    ids = [prompt_ids(rt, p, chat, system, truncate) for p in prompts]
     stream = TextStream(rt.tokenizer)
     stops = set(rt.tokenizer.eos_ids)
 
     def on_token(row: int, token: int) -> None:
-        if token not in stops:
+        if len(prompts) == 1 and token not in stops:
             write(stream.push(token))
 
     start = time.perf_counter()
-    out = generate(rt, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, on_token=on_token)
+    out = generate(rt, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, on_token=on_token, progress=progress and len(prompts) > 1)
     seconds = time.perf_counter() - start
-    write(stream.flush())
-    return {"prompt_tokens": len(ids), "new_tokens": len(out[0]), "seconds": seconds,
-            "tokens_per_s": len(out[0]) / seconds if seconds > 0 else float("inf"), "ids": out[0]}
+    if len(prompts) == 1:
+        write(stream.flush())
+    else:
+        for n, row in enumerate(out):
+            write(f"[{n}] " + rt.tokenizer.decode([t for t in row if t not in stops]) + "\n")
+    new = sum(len(row) for row in out)
+    return {"prompt_tokens": [len(i) for i in ids], "new_tokens": new, "seconds": seconds,
+            "tokens_per_s": new / seconds if seconds > 0 else float("inf"), "ids": out}

@@ -95,7 +95,8 @@ DEVICE_OPTION = click.option("--device", default="cpu", show_default=True, help=
 @click.argument("path", type=click.Path(path_type=Path))
 @RUNTIME_OPTION
 @DEVICE_OPTION
-@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="The prompt text; repeat for a batch (up to the artifact's batch size).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template (as the user's turn).")
 @click.option("--system", default=None, help="System prompt for --chat (default: DBRX's own).")
 @click.option("--max-new-tokens", default=64, show_default=True)
@@ -106,7 +107,7 @@ DEVICE_OPTION = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
               help="A prompt longer than the cache: fail, or keep its last tokens.")
 @handles_errors
-def generate_cmd(path: Path, runtime: str, device: str, prompt: str, chat: bool, system: str | None,
+def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...], chat: bool, system: str | None,
                  max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                  seed: int | None, truncate: str) -> None:
     """Generate text from a prompt, streaming it to stdout; tokens/s go to stderr.
@@ -119,7 +120,7 @@ def generate_cmd(path: Path, runtime: str, device: str, prompt: str, chat: bool,
     """
     from dbrx_aot.app import generate_text
 
-    stats = generate_text(path, runtime=runtime, device=device, prompt=prompt, chat=chat, system=system,
+    stats = generate_text(path, runtime=runtime, device=device, prompts=list(prompts), chat=chat, system=system,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, truncate=truncate, write=lambda s: click.echo(s, nl=False),
                           progress=progress_enabled())
@@ -169,6 +170,148 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))
     click.echo(str(report.path))
+
+@cli.command("chat")
+@click.argument("path", type=click.Path(path_type=Path))
+@RUNTIME_OPTION
+@DEVICE_OPTION
+@click.option("--system", default=None, help="System prompt (default: DBRX's own, from the chat template).")
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-k", default=None, type=int)
+@click.option("--top-p", default=None, type=float)
+@click.option("--seed", default=None, type=int)
+@handles_errors
+def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None) -> None:
+    """An interactive conversation; the KV cache is kept between turns.
+
+    Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves.
+
+    \b
+    Example:
+      dbrx-aot chat build/artifact --runtime aoti --system "Be brief."
+    """
+    from dbrx_aot.chat import Conversation
+    from dbrx_aot.runtimes import load_runtime
+
+    rt = load_runtime(path, runtime=runtime, device=device, progress=progress_enabled())
+    conv = Conversation(rt, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed)
+    click.echo(f"dbrx-aot chat ({runtime} on {device}, cache {rt.max_seq_len} tokens). /reset, /exit.", err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("", err=True)
+            return
+        text = line.strip()
+        if text == "/exit":
+            return
+        if text == "/reset":
+            conv.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not text:
+            continue
+        click.echo("dbrx> ", nl=False)
+        try:
+            conv.send(text, write=lambda piece: click.echo(piece, nl=False))
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted; /reset to start over)", err=True)
+            conv.reset()
+            continue
+        except DbrxAotError as err:
+            click.echo(f"\nerror: {err}", err=True)
+            continue
+        click.echo(f"\n[{conv.tokens_used}/{rt.max_seq_len} tokens]", err=True)
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--runtime", "runtimes", multiple=True, default=["all"], show_default=True,
+              help="Runtime(s) to compare with eager; repeatable; all = every format the artifact holds.")
+@DEVICE_OPTION
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path),
+              help="A text file, one prompt per line (default: a built-in varied set).")
+@click.option("--steps", default=32, show_default=True, help="Decode steps compared after each prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@handles_errors
+def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file: Path | None, steps: int,
+               as_json: bool) -> None:
+    """Compare every runtime of an artifact with the eager model; exit 1 outside the tolerance table.
+
+    \b
+    Example:
+      dbrx-aot verify build/artifact --runtime all --steps 32
+    """
+    import json
+
+    from dbrx_aot.verify import format_table, to_json, verify
+
+    prompts = None
+    if prompts_file is not None:
+        try:
+            prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise DbrxAotError(f"--prompts {prompts_file}: {err.strerror}") from None
+        if not prompts:
+            raise DbrxAotError(f"--prompts {prompts_file}: no prompts (one per line expected)")
+    names = None if "all" in runtimes else list(runtimes)
+    reports = verify(path, names, prompts, steps, device=device, progress=progress_enabled())
+    click.echo(json.dumps(to_json(reports, path), indent=2) if as_json else format_table(reports))
+    if not all(r.within_tolerance for r in reports):
+        sys.exit(1)
+
+
+@cli.command("bench")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--runtime", "runtimes", multiple=True, default=["all"], show_default=True,
+              help="Runtime(s) to measure; repeatable; all = eager + every format the artifact holds.")
+@DEVICE_OPTION
+@click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens per row (prefill).")
+@click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@handles_errors
+def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: int, new_tokens: int,
+              as_json: bool) -> None:
+    """Prefill and decode speed of each runtime in one run, vs eager and vs the memory-bandwidth limit.
+
+    \b
+    Example:
+      dbrx-aot bench build/small-artifact --prompt-len 128 --new-tokens 64 --json
+    """
+    import json
+
+    from dbrx_aot.bench import bench, format_table
+    from dbrx_aot.export.manifest import Manifest
+    from dbrx_aot.verify import artifact_runtimes
+
+    names = list(runtimes)
+    if "all" in names:
+        names = ["eager"] + artifact_runtimes(Manifest.read(path).formats)
+    report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
+                   progress=progress_enabled())
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@handles_errors
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """What an artifact holds, and whether this environment can load it (and if not, why).
+
+    \b
+    Example:
+      dbrx-aot inspect build/artifact
+    """
+    import json
+
+    from dbrx_aot.inspection import describe, format_text
+
+    info = describe(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
 
 
 def main() -> None:

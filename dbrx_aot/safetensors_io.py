@@ -107,3 +107,13 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     with open_checked(path) as f:
         for key in f.keys():
             yield key, read_tensor(f, path, key)
+
+
+def byte_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """{tensor name: (offset from the start of the file, length)} read from a safetensors header."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    start = 8 + header_len
+    return {name: (start + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.items() if name != "__metadata__"}

@@ -47,6 +47,7 @@ class Runtime(Protocol):
     batch_size: int     # B: rows per call
     max_seq_len: int    # S: cache slots per row
     prefill_chunk: int  # P: tokens per prefill call
+    decode_moe: str     # the MoE mode of the decode graph: dense or gather
 
     def new_cache(self) -> KVCache: ...
 
@@ -71,6 +72,7 @@ class RuntimeBase:
     batch_size: int
     max_seq_len: int
     prefill_chunk: int
+    decode_moe: str
 
     def cache_shape(self) -> tuple[int, ...]:
         c = self.config
@@ -88,10 +90,14 @@ class RuntimeBase:
                 raise DbrxAotError(f"{self.name} runtime: {label} shape {list(t.shape)}, expected {list(expected)} "
                                    f"(batch size and chunk length are fixed at export)")
         for label, t in (("cache.k", cache.k), ("cache.v", cache.v)):
-            if tuple(t.shape) != self.cache_shape() or t.dtype != self.dtype:
-                raise DbrxAotError(f"{self.name} runtime: {label} is {list(t.shape)} {t.dtype}, expected "
-                                   f"{list(self.cache_shape())} {self.dtype} (use runtime.new_cache())")
-        return tokens.to(self.device, torch.int64), positions.to(self.device, torch.int64)
+            if (tuple(t.shape) != self.cache_shape() or t.dtype != self.dtype or t.device != self.device
+                    or not t.is_contiguous()):
+                raise DbrxAotError(f"{self.name} runtime: {label} is {list(t.shape)} {t.dtype} on {t.device}, "
+                                   f"expected a contiguous {list(self.cache_shape())} {self.dtype} on {self.device} "
+                                   "(use runtime.new_cache())")
+        # Compiled graphs assume dense row-major inputs (AOTInductor aborts the process otherwise).
+        return (tokens.to(self.device, torch.int64).contiguous(),
+                positions.to(self.device, torch.int64).contiguous())
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
@@ -122,6 +128,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
                                f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DbrxAotError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if dev.index is None:  # tensors report cuda:N; compare like with like
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
         raise DbrxAotError(f"--device {device}: expected cpu or cuda")
     return dev

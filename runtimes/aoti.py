@@ -59,6 +59,7 @@ class AotiRuntime(RuntimeBase):
         self.dtype = manifest.torch_dtype()
         self.batch_size, self.max_seq_len = manifest.batch_size, manifest.max_seq_len
         self.prefill_chunk = manifest.prefill_chunk
+        self.decode_moe = manifest.moe_modes["decode"]
         # One copy of the weights, on the device, shared by both packages.
         self.weights = {name: tensor.to(device) for name, tensor in manifest.iter_weights(path, progress=progress)}
         self._prefill = self._load_package("prefill")

@@ -31,6 +31,7 @@ class EagerRuntime(RuntimeBase):
         self.moe = moe
         self._prefill = CachedStep(model, resolve_moe_mode(moe, batch_size * prefill_chunk, config))
         self._decode = CachedStep(model, resolve_moe_mode(moe, batch_size, config))
+        self.decode_moe = self._decode.moe
 
     @classmethod
     def load(cls, path: Path, device="cpu", dtype=None, batch_size: int = 1, max_seq_len: int | None = None,

@@ -68,3 +68,24 @@ def edit_json(path: Path, **changes) -> None:
 
 def replace_config(config: DbrxConfig, **changes) -> DbrxConfig:
     return dataclasses.replace(config, **changes)
+
+
+ARTIFACT_SHAPES = dict(batch_size=2, max_seq_len=64, prefill_chunk=8)
+ARTIFACT_FORMATS = "aoti,onnx"
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """One tiny-preset fp32 artifact per MoE mode, exported once per session (compiles are slow)."""
+    from dbrx_aot.export import export_artifact
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {moe: export_artifact(tiny_checkpoint, root / moe, formats=ARTIFACT_FORMATS, moe=moe, progress=False,
+                                 **ARTIFACT_SHAPES).path
+            for moe in ("dense", "gather", "auto")}
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst

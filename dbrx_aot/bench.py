@@ -1,0 +1,177 @@
+"""Benchmarks, every runtime in one run, against eager and against the device's memory bandwidth.
+
+Decode is memory bound: each step must read the weights it uses (the top-k experts for gather,
+all experts for dense, plus attention, norms, router and lm_head) and the KV cache (the static
+graph attends over all S slots). Bytes per step times steps per second, divided by the bandwidth
+of a large copy measured here on the same device, is the fraction of the limit reached.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dbrx_aot.config import DbrxConfig
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.runtimes import Runtime, load_runtime
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large device copy (read + write counted), best of ``repeats``."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run faults the pages in
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str, itemsize: int) -> dict[str, int]:
+    """Bytes one decode step must read, by part."""
+    D, F, E, k, V = config.d_model, config.ffn_hidden_size, config.moe_num_experts, config.moe_top_k, config.vocab_size
+    L = config.n_layers
+    experts = E if moe == "dense" else min(E, batch_size * k)  # gather reads at most B*k distinct experts
+    return {
+        "attention": L * (config.qkv_size * D + D * D) * itemsize,
+        "experts": L * experts * 3 * F * D * itemsize,
+        "router_norms": L * (E * D + 2 * D) * itemsize + D * itemsize,
+        "lm_head": V * D * itemsize,
+        "embedding_rows": batch_size * D * itemsize,
+        "kv_cache": 2 * L * batch_size * config.kv_n_heads * max_seq_len * config.head_dim * itemsize,
+    }
+
+
+def rss_gb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+@torch.inference_mode()
+def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    B, P, S = rt.batch_size, rt.prefill_chunk, rt.max_seq_len
+    if prompt_len + new_tokens > S:
+        raise DbrxAotError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the cache of {S} positions")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(rt.config.vocab_size, 100000), (B, prompt_len), generator=g)
+    chunks = []
+    for start in range(0, prompt_len, P):
+        tokens = torch.zeros(B, P, dtype=torch.int64)
+        n = min(P, prompt_len - start)
+        tokens[:, :n] = prompt[:, start:start + n]
+        chunks.append((tokens, (start + torch.arange(P)).clamp(max=S - 1).expand(B, P).contiguous()))
+
+    def run_prefill(cache):
+        for tokens, positions in chunks:
+            logits = rt.prefill(tokens, positions, cache)
+        return logits
+
+    cache = rt.new_cache()
+    run_prefill(cache)  # warm-up (first-call work: allocations, lazy initialisation)
+    rt.decode(prompt[:, :1], torch.full((B, 1), prompt_len), cache)
+    prefill_times = []
+    for _ in range(repeats):
+        cache = rt.new_cache()
+        sync(rt.device)
+        start = time.perf_counter()
+        logits = run_prefill(cache)
+        sync(rt.device)
+        prefill_times.append(time.perf_counter() - start)
+    nxt = logits[:, (prompt_len - 1) % P].argmax(-1, keepdim=True)
+    step_ms = []
+    for i in range(new_tokens):
+        positions = torch.full((B, 1), prompt_len + i)
+        sync(rt.device)
+        start = time.perf_counter()
+        logits = rt.decode(nxt, positions, cache)
+        nxt = logits[:, 0].argmax(-1, keepdim=True)
+        sync(rt.device)
+        step_ms.append(1e3 * (time.perf_counter() - start))
+    prefill_s = statistics.median(prefill_times)
+    quantiles = statistics.quantiles(step_ms, n=10) if len(step_ms) > 1 else step_ms * 9
+    mean_ms = statistics.fmean(step_ms)
+    return {
+        "prefill_tokens_per_s": B * prompt_len / prefill_s,
+        "decode_tokens_per_s": B * 1e3 / mean_ms,
+        "decode_steps_per_s": 1e3 / mean_ms,
+        "decode_ms_p50": statistics.median(step_ms),
+        "decode_ms_p90": quantiles[8],
+    }
+
+
+def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
+          progress: bool = True) -> dict:
+    """Each runtime in turn, in this one process: load time, prefill and decode speed, memory, and
+    the fraction of the memory-bandwidth limit decode reaches."""
+    results = {}
+    bandwidth = None
+    for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
+        gc.collect()
+        base_rss = rss_gb()
+        start = time.perf_counter()
+        rt = load_runtime(path, name, device=device, progress=False)
+        load_s = time.perf_counter() - start
+        if bandwidth is None:
+            bandwidth = copy_bandwidth(rt.device)
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        result = bench_runtime(rt, prompt_len, new_tokens)
+        parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize)
+        step_bytes = sum(parts.values())
+        result.update({
+            "load_s": load_s,
+            "rss_gb_after": rss_gb(),
+            "rss_gb_added": rss_gb() - base_rss,
+            "cuda_max_allocated_gb": (torch.cuda.max_memory_allocated(rt.device) / 1e9
+                                      if rt.device.type == "cuda" else None),
+            "decode_moe": rt.decode_moe,
+            "decode_bytes_per_step": step_bytes,
+            "decode_bytes_by_part": parts,
+            "decode_bandwidth_gb_s": step_bytes * result["decode_steps_per_s"] / 1e9,
+            "fraction_of_bandwidth_limit": step_bytes * result["decode_steps_per_s"] / bandwidth,
+        })
+        results[name] = result
+        del rt
+    config_src = load_manifest_or_none(path)
+    return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "shapes": config_src, "results": results}
+
+
+def load_manifest_or_none(path: Path) -> dict | None:
+    from dbrx_aot.export.manifest import MANIFEST, Manifest
+
+    if not (Path(path) / MANIFEST).is_file():
+        return None
+    m = Manifest.read(Path(path))
+    return {"batch_size": m.batch_size, "max_seq_len": m.max_seq_len, "prefill_chunk": m.prefill_chunk,
+            "dtype": m.dtype, "moe_modes": m.moe_modes}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s on {report['device']} "
+             f"(torch {report['torch']}, {report['threads']} threads)"]
+    header = (f"{'runtime':<13} {'prefill tok/s':>13} {'decode tok/s':>12} {'p50 ms':>8} {'p90 ms':>8} "
+              f"{'GB/s':>7} {'of limit':>8} {'RSS GB':>7} {'vs eager':>8}")
+    lines += [header, "-" * len(header)]
+    base = report["results"].get("eager", {}).get("decode_tokens_per_s")
+    for name, r in report["results"].items():
+        speedup = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(f"{name:<13} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
+                     f"{r['decode_ms_p50']:>8.2f} {r['decode_ms_p90']:>8.2f} {r['decode_bandwidth_gb_s']:>7.2f} "
+                     f"{r['fraction_of_bandwidth_limit']:>8.1%} {r['rss_gb_after']:>7.2f} {speedup:>8}")
+    return "\n".join(lines)

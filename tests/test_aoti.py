@@ -1,0 +1,151 @@
+"""AOTInductor artifacts against eager, and every way loading one can go wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import artifact_ladder as ladder
+import dbrx_aot
+import dbrx_aot.export
+from conftest import TOLERANCE, copy_artifact
+from dbrx_aot.cli import cli
+from dbrx_aot.errors import DbrxAotError
+
+ATOL = TOLERANCE[("aoti", torch.float32)]
+
+
+@pytest.fixture(scope="module")
+def runtimes(artifacts):
+    return {moe: (dbrx_aot.load_runtime(path, "aoti", progress=False),
+                  dbrx_aot.load_runtime(path, "eager", progress=False)) for moe, path in artifacts.items()}
+
+
+@pytest.mark.parametrize("moe", ["dense", "gather", "auto"])
+def test_prefill_and_32_decode_steps_match_eager(runtimes, moe):
+    ladder.check_prefill_and_decode(*runtimes[moe], atol=ATOL)
+
+
+@pytest.mark.parametrize("moe", ["dense", "auto"])
+def test_long_and_ragged_prompts(runtimes, moe):
+    ladder.check_long_and_ragged_prompts(*runtimes[moe])
+
+
+def test_two_caches_do_not_interfere(runtimes):
+    ladder.check_two_caches(runtimes["auto"][0])
+
+
+def test_manifest_records_the_build(artifacts):
+    manifest = json.loads((artifacts["auto"] / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["moe_modes"] == {"prefill": "dense", "decode": "gather"}
+    assert (manifest["batch_size"], manifest["max_seq_len"], manifest["prefill_chunk"]) == (2, 64, 8)
+    assert manifest["graphs"]["decode"]["inputs"][2] == {"name": "k_cache", "shape": [2, 2, 2, 64, 16],
+                                                         "dtype": "float32"}
+    assert set(manifest["files"]) >= {"aoti/prefill.pt2", "aoti/decode.pt2"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    # The packages hold no weights: each is far smaller than the weights they run.
+    weights = sum(f["bytes"] for rel, f in manifest["files"].items() if rel.startswith("weights/"))
+    assert manifest["files"]["aoti/decode.pt2"]["bytes"] < weights / 5
+
+
+def test_weights_are_shared_not_copied(runtimes):
+    """Both packages run on the runtime's one dict of weights (user-managed constants)."""
+    rt, _ = runtimes["auto"]
+    cache = rt.new_cache()
+    tokens = torch.zeros(2, 1, dtype=torch.int64)
+    before = rt.decode(tokens, torch.zeros(2, 1, dtype=torch.int64), cache)
+    with torch.no_grad():
+        rt.weights["lm_head.weight"].mul_(2)
+    after = rt.decode(tokens, torch.zeros(2, 1, dtype=torch.int64), rt.new_cache())
+    with torch.no_grad():
+        rt.weights["lm_head.weight"].div_(2)
+    torch.testing.assert_close(after, 2 * before, atol=1e-4, rtol=1e-5)
+
+
+def error_of(path, **kw):
+    with pytest.raises(DbrxAotError) as err:
+        dbrx_aot.load_runtime(path, "aoti", progress=False, **kw)
+    return str(err.value)
+
+
+def test_tampered_weights(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    weights = sorted((art / "weights").iterdir())[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "sha256 does not match" in error_of(art) and weights.name in error_of(art)
+    dbrx_aot.load_runtime(art, "aoti", progress=False, verify_checksums=False)  # the opt-out
+
+
+def test_other_torch_version(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["versions"]["torch"] = "2.9.0+cu128"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert "built by torch 2.9.0+cu128" in error_of(art)
+
+
+def test_unknown_format_version(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert "format_version=99" in error_of(art)
+
+
+def test_missing_package(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    (art / "aoti" / "decode.pt2").unlink()
+    assert "decode.pt2: missing" in error_of(art)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_asked_without_gpu(artifacts):
+    assert "CUDA is not available" in error_of(artifacts["auto"], device="cuda")
+    result = CliRunner().invoke(cli, ["generate", str(artifacts["auto"]), "--runtime", "aoti", "--device", "cuda",
+                                      "--prompt", "hi"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: --device cuda: CUDA is not available")
+
+
+def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import dbrx_aot.export.aoti as aoti
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aoti, "compile_package", interrupted)
+    out = tmp_path / "art"
+    with pytest.raises(KeyboardInterrupt):
+        dbrx_aot.export.export_artifact(tiny_checkpoint, out, formats="aoti", progress=False, max_seq_len=32)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary directory
+
+
+def test_full_disk_during_export(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    import dbrx_aot.export.artifact as artifact
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(artifact, "convert_weights", full)
+    with pytest.raises(DbrxAotError, match="disk full.*nothing was left behind"):
+        dbrx_aot.export.export_artifact(tiny_checkpoint, tmp_path / "art", progress=False, max_seq_len=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_skip_weights_artifact_refuses_to_run(tmp_path):
+    from dbrx_aot.config import preset
+    from dbrx_aot.export import export_artifact
+
+    # Compile-only export of a config with no checkpoint (as for dbrx-132b); no weights to run.
+    report = export_artifact(None, tmp_path / "graphs", config=preset("tiny"), skip_weights=True, formats="aoti",
+                             max_seq_len=16, prefill_chunk=4, progress=False)
+    assert not (report.path / "weights").exists()
+    assert "--skip-weights" in error_of(report.path)
