@@ -26,10 +26,26 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-demo: setup
-	$(VENV)/bin/dbrx-aot random-checkpoint $(DEMO_DIR)/checkpoint --preset tiny --seed 0 --shards 2 --force
-	$(VENV)/bin/dbrx-aot generate $(DEMO_DIR)/checkpoint --runtime eager --chat \
-		--prompt "What is a mixture of experts?" --max-new-tokens 24
+CLI := $(VENV)/bin/dbrx-aot
+DEMO_PROMPT := What is a mixture of experts?
+
+# The main job on the embedded default (the tiny preset, random weights): checkpoint -> AOTInductor
+# + ONNX artifact -> verify every runtime against eager -> generate with each. The checkpoint and
+# the artifact are kept, so a second run only verifies and generates.
+demo: setup $(DEMO_DIR)/artifact/manifest.json
+	$(CLI) verify $(DEMO_DIR)/artifact --runtime all --steps 16
+	@for rt in eager aoti onnxruntime; do \
+		echo "--- $$rt"; \
+		$(CLI) --quiet generate $(DEMO_DIR)/artifact --runtime $$rt --chat --prompt "$(DEMO_PROMPT)" \
+			--max-new-tokens 16 || exit 1; \
+	done
+
+$(DEMO_DIR)/checkpoint/config.json: $(VENV)/.installed
+	$(CLI) random-checkpoint $(DEMO_DIR)/checkpoint --preset tiny --seed 0 --shards 2 --force
+
+$(DEMO_DIR)/artifact/manifest.json: $(DEMO_DIR)/checkpoint/config.json
+	$(CLI) export $(DEMO_DIR)/checkpoint -o $(DEMO_DIR)/artifact --format aoti,onnx \
+		--max-seq-len 128 --prefill-chunk 16 --force
 
 clean:
 	rm -rf build

@@ -13,6 +13,11 @@ from dbrx_aot.runtimes import Runtime, load_runtime
 from dbrx_aot.tokenizer import TextStream
 
 
+def checksum_option(verify_checksums: bool) -> dict:
+    """Pass the opt-out only when taken, so third-party runtimes need not know the option."""
+    return {} if verify_checksums else {"verify_checksums": False}
+
+
 def prompt_ids(runtime: Runtime, prompt: str, chat: bool, system: str | None, truncate: str,
                reserve: int = 1) -> list[int]:
     """Tokenize a prompt (optionally through the chat template) and apply the truncation policy."""
@@ -36,13 +41,15 @@ def prompt_ids(runtime: Runtime, prompt: str, chat: bool, system: str | None, tr
 def generate_text(path: Path, *, runtime: str, device: str, prompts: list[str], chat: bool = False,
                   system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  truncate: str = "error", write: Callable[[str], None] = print, progress: bool = True) -> dict:
+                  truncate: str = "error", write: Callable[[str], None] = print, verify_checksums: bool = True,
+                  progress: bool = True) -> dict:
     """Load a runtime and generate from each prompt (one batch). A single prompt streams its text
     through ``write`` as it is generated; several are written when done, one block each."""
     # An artifact fixes the batch size; eager on a checkpoint has free shapes, so size it to the prompts.
     free_shapes = runtime == "eager" and not (Path(path) / MANIFEST).is_file()
     options = {"batch_size": len(prompts)} if free_shapes and prompts else {}
-    rt = load_runtime(path, runtime=runtime, device=device, progress=progress, **options)
+    rt = load_runtime(path, runtime=runtime, device=device, progress=progress, **options,
+                      **checksum_option(verify_checksums))
     if not 1 <= len(prompts) <= rt.batch_size:
         raise DbrxAotError(f"{len(prompts)} prompts, but {path} runs batches of {rt.batch_size} "
                            "(--batch-size at export)")

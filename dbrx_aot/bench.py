@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dbrx_aot.app import checksum_option
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.runtimes import Runtime, load_runtime
@@ -114,7 +115,7 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
 
 
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
-          progress: bool = True) -> dict:
+          verify_checksums: bool = True, progress: bool = True) -> dict:
     """Each runtime in turn, in this one process: load time, prefill and decode speed, memory, and
     the fraction of the memory-bandwidth limit decode reaches."""
     results = {}
@@ -123,7 +124,7 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
         gc.collect()
         base_rss = rss_gb()
         start = time.perf_counter()
-        rt = load_runtime(path, name, device=device, progress=False)
+        rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums))
         load_s = time.perf_counter() - start
         if bandwidth is None:
             bandwidth = copy_bandwidth(rt.device)

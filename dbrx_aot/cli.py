@@ -19,9 +19,10 @@ EXIT_USAGE = 2
 
 
 class Context:
-    def __init__(self, debug: bool, quiet: bool):
+    def __init__(self, debug: bool, quiet: bool, verify_checksums: bool):
         self.debug = debug
         self.quiet = quiet
+        self.verify_checksums = verify_checksums
 
 
 def handles_errors(fn):
@@ -49,16 +50,22 @@ def handles_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--no-verify-checksums", is_flag=True,
+              help="Load artifacts without hashing their files (sizes are still checked); for huge artifacts.")
 @click.version_option(package_name="dbrx-aot")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, no_verify_checksums: bool) -> None:
     """DBRX ahead of time: export a Hugging Face DBRX checkpoint to AOTInductor and ONNX, and run it."""
-    ctx.obj = Context(debug, quiet)
+    ctx.obj = Context(debug, quiet, not no_verify_checksums)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
 def progress_enabled() -> bool:
     return not click.get_current_context().find_object(Context).quiet
+
+
+def verify_checksums() -> bool:
+    return click.get_current_context().find_object(Context).verify_checksums
 
 
 @cli.command("random-checkpoint")
@@ -123,7 +130,7 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
     stats = generate_text(path, runtime=runtime, device=device, prompts=list(prompts), chat=chat, system=system,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, truncate=truncate, write=lambda s: click.echo(s, nl=False),
-                          progress=progress_enabled())
+                          verify_checksums=verify_checksums(), progress=progress_enabled())
     click.echo("")
     click.echo(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tok/s, "
                f"{runtime} on {device})", err=True)
@@ -192,10 +199,12 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
     Example:
       dbrx-aot chat build/artifact --runtime aoti --system "Be brief."
     """
+    from dbrx_aot.app import checksum_option
     from dbrx_aot.chat import Conversation
     from dbrx_aot.runtimes import load_runtime
 
-    rt = load_runtime(path, runtime=runtime, device=device, progress=progress_enabled())
+    rt = load_runtime(path, runtime=runtime, device=device, progress=progress_enabled(),
+                      **checksum_option(verify_checksums()))
     conv = Conversation(rt, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed)
     click.echo(f"dbrx-aot chat ({runtime} on {device}, cache {rt.max_seq_len} tokens). /reset, /exit.", err=True)
@@ -258,7 +267,8 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
         if not prompts:
             raise DbrxAotError(f"--prompts {prompts_file}: no prompts (one per line expected)")
     names = None if "all" in runtimes else list(runtimes)
-    reports = verify(path, names, prompts, steps, device=device, progress=progress_enabled())
+    reports = verify(path, names, prompts, steps, device=device, verify_checksums=verify_checksums(),
+                     progress=progress_enabled())
     click.echo(json.dumps(to_json(reports, path), indent=2) if as_json else format_table(reports))
     if not all(r.within_tolerance for r in reports):
         sys.exit(1)
@@ -291,7 +301,7 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
     if "all" in names:
         names = ["eager"] + artifact_runtimes(Manifest.read(path).formats)
     report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
-                   progress=progress_enabled())
+                   verify_checksums=verify_checksums(), progress=progress_enabled())
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 

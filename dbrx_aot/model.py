@@ -196,6 +196,10 @@ def write_cache_(k_cache, v_cache, new_k, new_v, positions) -> None:
     v_cache.scatter_(3, index, new_v)
 
 
+# CachedStep and FunctionalStep hold the model as ``model``: a weight ``w`` is ``model.w`` in their graphs.
+STEP_PREFIX = "model."
+
+
 class CachedStep(nn.Module):
     """The graph AOTInductor compiles (and eager runs): logits out, cache updated in place."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dbrx_aot.app import checksum_option
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import Runtime, load_runtime
@@ -77,7 +78,7 @@ def artifact_runtimes(formats: list[str]) -> list[str]:
 
 def compare(runtime: Runtime, eager: Runtime, prompts: list[list[int]], steps: int) -> dict:
     """Teacher-forced logits over the prompts and ``steps`` decode steps, and free-running greedy."""
-    B, P = runtime.batch_size, runtime.prefill_chunk
+    B = runtime.batch_size
     errors, tops, kls, n = [], 0, [], 0
     first_difference = None
     for start in range(0, len(prompts), B):
@@ -85,7 +86,8 @@ def compare(runtime: Runtime, eager: Runtime, prompts: list[list[int]], steps: i
         rows = group + [group[-1]] * (B - len(group))  # fill the static batch; extra rows not counted
         pairs = teacher_forced(runtime, eager, rows, steps)
         for got, expected, valid in pairs:
-            got, expected = got[: len(group)].float(), expected[: len(group)].float()
+            # float64: fp32 rounding in log_softmax would swamp a KL of 1e-10 (and make it negative)
+            got, expected = got[: len(group)].double(), expected[: len(group)].double()
             mask = valid[: len(group)]
             diff = (got - expected).abs()[mask]
             errors.append(diff)
@@ -136,7 +138,7 @@ def teacher_forced(runtime: Runtime, eager: Runtime, rows: list[list[int]], step
 
 
 def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | None = None, steps: int = 32,
-           device: str = "cpu", progress: bool = True) -> list[RuntimeReport]:
+           device: str = "cpu", verify_checksums: bool = True, progress: bool = True) -> list[RuntimeReport]:
     """Compare each runtime of the artifact at ``path`` with the eager model on its weights."""
     from dbrx_aot.export.manifest import Manifest
 
@@ -144,7 +146,7 @@ def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | N
     names = runtimes or artifact_runtimes(manifest.formats)
     if steps < 1:
         raise DbrxAotError(f"--steps {steps}: expected a positive integer")
-    eager = load_runtime(path, "eager", device=device, progress=progress)
+    eager = load_runtime(path, "eager", device=device, progress=progress, **checksum_option(verify_checksums))
     texts = prompts or DEFAULT_PROMPTS
     ids = [eager.tokenizer.encode(t)[: eager.max_seq_len - 1] for t in texts]
     if any(not i for i in ids):
@@ -152,7 +154,7 @@ def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | N
     steps = min(steps, eager.max_seq_len - max(len(i) for i in ids))
     reports = []
     for name in tqdm(names, desc="verifying runtimes", disable=not progress):
-        runtime = load_runtime(path, name, device=device, progress=progress)
+        runtime = load_runtime(path, name, device=device, progress=progress, **checksum_option(verify_checksums))
         result = compare(runtime, eager, ids, steps)
         tol = tolerance(name, manifest.dtype)
         within = (result["max_abs_error"] <= tol.max_abs and result["top1_agreement"] >= tol.min_top1

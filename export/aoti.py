@@ -14,10 +14,6 @@ import torch._inductor
 from dbrx_aot.model import DbrxModel
 from dbrx_aot.export.trace import GraphSpec, export_program
 
-# The module AOTInductor compiles wraps the model as ``model``: a constant's name in the package
-# is this prefix + the weight's name in weights/.
-CONSTANT_PREFIX = "model."
-
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,  # weights live once, in weights/
 }

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import dbrx_aot
 from dbrx_aot.checkpoint import checkpoint_shards, iter_checkpoint, replace_dir
@@ -89,33 +90,35 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     timings: dict[str, dict] = {}
+    stages = 2 + (not skip_weights) + len(GRAPHS) * len(formats)
+    bar = tqdm(total=stages, desc="export", unit="stage", disable=not progress)
     try:
         weights = {}
         if not skip_weights:
-            with stage("convert weights", timings):
+            with stage("convert weights", timings, bar):
                 weights = convert_weights(checkpoint, config, torch_dtype, tmp / WEIGHTS_DIR, progress)
         graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype,
                                        functional="onnx" in formats and "aoti" not in formats)
                   for name in GRAPHS}
-        with stage("build empty model", timings):
+        with stage("build empty model", timings, bar):
             model = empty_model(config, torch_dtype, dev)
         if "aoti" in formats:
             from dbrx_aot.export.aoti import compile_package
 
             for name in GRAPHS:
-                with stage(f"aoti {name}: export + compile", timings):
+                with stage(f"aoti {name}: export + compile", timings, bar):
                     compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
                 graphs[name]["aoti"] = f"aoti/{name}.pt2"
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 
             for name in GRAPHS:
-                with stage(f"onnx {name}: export", timings):
+                with stage(f"onnx {name}: export", timings, bar):
                     graphs[name]["onnx"] = export_onnx(model, specs[name], batch_size, max_seq_len, tmp, weights)
                 graphs[name]["onnx_outputs"] = io_description(config, specs[name], batch_size, max_seq_len,
                                                               torch_dtype, functional=True)["outputs"]
         del model
-        with stage("checksums", timings):
+        with stage("checksums", timings, bar):
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = path.relative_to(tmp).as_posix()
@@ -131,12 +134,15 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             files=files)
         manifest.write(tmp)
         replace_dir(tmp, out)
+        bar.close()
     except OSError as err:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise DbrxAotError(f"{out}: export failed writing {err.filename or tmp} ({reason}); nothing was "
                            "left behind") from None
     except BaseException:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sizes = {rel: info["bytes"] for rel, info in files.items()}

@@ -21,12 +21,11 @@ import torch
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.export.manifest import WEIGHTS_DIR
 from dbrx_aot.export.trace import GraphSpec, example_inputs
-from dbrx_aot.model import DbrxModel, FunctionalStep
+from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep
 from dbrx_aot.safetensors_io import byte_ranges
 
 INPUT_NAMES = ["tokens", "positions", "k_cache", "v_cache"]
 OUTPUT_NAMES = ["logits", "new_k", "new_v"]
-CONSTANT_PREFIX = "model."  # FunctionalStep wraps the model as ``model``
 OPSET = 18
 
 
@@ -51,7 +50,7 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
             ranges[name] = (f"{WEIGHTS_DIR}/{file}", offset, length)
     graph = program.model.graph
     for name, value in graph.initializers.items():
-        key = name.removeprefix(CONSTANT_PREFIX)
+        key = name.removeprefix(STEP_PREFIX)
         if key not in ranges:
             raise DbrxAotError(f"ONNX export: initializer {name} is not a weight in {WEIGHTS_DIR}/ (the exporter "
                                "created a constant the artifact does not store)")

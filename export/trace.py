@@ -26,8 +26,10 @@ def peak_rss_gb() -> tuple[float, float]:
 
 
 @contextmanager
-def stage(name: str, timings: dict):
-    """Log a stage's wall time and peak RSS, and record them."""
+def stage(name: str, timings: dict, bar=None):
+    """Log a stage's wall time and peak RSS, and record them (and advance ``bar``, a tqdm)."""
+    if bar is not None:
+        bar.set_description(f"export: {name}")
     log.info("%s ...", name)
     start = time.perf_counter()
     yield
@@ -36,6 +38,8 @@ def stage(name: str, timings: dict):
     timings[name] = {"seconds": round(seconds, 2), "peak_rss_gb": round(own, 3),
                      "peak_child_rss_gb": round(children, 3)}
     log.info("%s: %.1f s, peak RSS %.2f GB (compiler processes %.2f GB)", name, seconds, own, children)
+    if bar is not None:
+        bar.update()
 
 
 def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device) -> DbrxModel:

@@ -99,6 +99,20 @@ class RuntimeBase:
         return (tokens.to(self.device, torch.int64).contiguous(),
                 positions.to(self.device, torch.int64).contiguous())
 
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
+        with torch.inference_mode():
+            return self.run_graph("prefill", tokens, positions, cache)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        tokens, positions = self.check_call(tokens, positions, cache, 1)
+        with torch.inference_mode():
+            return self.run_graph("decode", tokens, positions, cache)
+
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run the prefill or decode graph on checked inputs (what each runtime implements)."""
+        raise NotImplementedError
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
         if B != self.batch_size or T > self.max_seq_len:

@@ -13,6 +13,7 @@ from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
 from dbrx_aot.runtimes import KVCache, RuntimeBase, resolve_device
 from dbrx_aot.tokenizer import Tokenizer
 
+
 class EagerRuntime(RuntimeBase):
     name = "eager"
 
@@ -35,7 +36,8 @@ class EagerRuntime(RuntimeBase):
 
     @classmethod
     def load(cls, path: Path, device="cpu", dtype=None, batch_size: int = 1, max_seq_len: int | None = None,
-             prefill_chunk: int | None = None, moe: str = "auto", progress: bool = True) -> EagerRuntime:
+             prefill_chunk: int | None = None, moe: str = "auto", verify_checksums: bool = True,
+             progress: bool = True) -> EagerRuntime:
         """A Hugging Face checkpoint directory, or an artifact directory (its weights/ and shapes)."""
         from dbrx_aot.export.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
 
@@ -43,6 +45,10 @@ class EagerRuntime(RuntimeBase):
         path = Path(path)
         if (path / MANIFEST).is_file():
             manifest = Manifest.read(path)
+            if not manifest.weights:
+                raise DbrxAotError(f"{path}: exported with --skip-weights (compile-only); it has no weights to run")
+            manifest.verify_files(path, sorted({f"weights/{f}" for f in manifest.weights.values()}),
+                                  checksums=verify_checksums, progress=progress)
             dtype = parse_dtype(dtype or manifest.dtype)
             model = load_model(path, manifest.config, dtype, device,
                                weights=manifest.iter_weights(path, dtype, progress=progress))
@@ -56,13 +62,6 @@ class EagerRuntime(RuntimeBase):
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe)
 
-    @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        return self._prefill(tokens, positions, cache.k, cache.v)
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens, positions = self.check_call(tokens, positions, cache, 1)
-        return self._decode(tokens, positions, cache.k, cache.v)
-
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        step = self._prefill if graph == "prefill" else self._decode
+        return step(tokens, positions, cache.k, cache.v)

@@ -17,8 +17,8 @@ import torch
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.export.manifest import Manifest
 from dbrx_aot.model import write_cache_
-from dbrx_aot.runtimes import KVCache, RuntimeBase, resolve_device
-from dbrx_aot.runtimes.aoti import check_artifact
+from dbrx_aot.runtimes import KVCache
+from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files
 
 # torch dtype -> ONNX TensorProto element type (what IOBinding takes for types numpy lacks, bf16)
 ONNX_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}
@@ -34,7 +34,7 @@ def bind(io, name: str, tensor: torch.Tensor, output: bool = False) -> None:
     (io.bind_output if output else io.bind_input)(*args)
 
 
-class OnnxRuntime(RuntimeBase):
+class OnnxRuntime(ArtifactRuntime):
     name = "onnxruntime"
 
     @classmethod
@@ -43,9 +43,7 @@ class OnnxRuntime(RuntimeBase):
         import onnxruntime as ort
 
         path = Path(path)
-        manifest = Manifest.read(path)
-        dev = resolve_device(device)
-        check_artifact(manifest, path, "onnx")
+        manifest, dev = open_artifact(path, "onnx", device)
         available = ort.get_available_providers()
         providers = providers or [PROVIDER_FOR_DEVICE[dev.type]]
         missing = [p for p in providers if p not in available]
@@ -57,23 +55,14 @@ class OnnxRuntime(RuntimeBase):
                                "bf16 MatMul/Softmax kernels); export with --dtype float32 for CPU, or run on CUDA")
         if providers[0] == "CUDAExecutionProvider" and dev.type != "cuda":
             raise DbrxAotError("--providers CUDAExecutionProvider needs --device cuda (the cache lives on the GPU)")
-        graphs = [manifest.graphs[g]["onnx"] for g in ("prefill", "decode")]
-        weight_files = sorted({f"weights/{f}" for f in manifest.weights.values()})
-        manifest.verify_files(path, graphs + weight_files, checksums=verify_checksums, progress=progress)
+        verify_artifact_files(manifest, path, "onnx", verify_checksums, progress)
         return cls(path, manifest, dev, providers, threads)
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, providers: list[str],
                  threads: int | None = None):
         import onnxruntime as ort
 
-        self.path, self.manifest = path, manifest
-        self.config = manifest.config
-        self.tokenizer = manifest.tokenizer_obj()
-        self.device = device
-        self.dtype = manifest.torch_dtype()
-        self.batch_size, self.max_seq_len = manifest.batch_size, manifest.max_seq_len
-        self.prefill_chunk = manifest.prefill_chunk
-        self.decode_moe = manifest.moe_modes["decode"]
+        super().__init__(path, manifest, device)
         self.providers = providers
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -100,7 +89,7 @@ class OnnxRuntime(RuntimeBase):
         return {o["name"]: torch.empty(o["shape"], dtype=self.dtype, device=self.device)
                 for o in self.manifest.graphs[graph]["onnx_outputs"]}
 
-    def _run(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         session = self.sessions[graph]
         io = session.io_binding()
         # Bound by pointer: the tensors must outlive the run, so keep them referenced here.
@@ -116,13 +105,3 @@ class OnnxRuntime(RuntimeBase):
         session.run_with_iobinding(io)
         write_cache_(cache.k, cache.v, outputs["new_k"], outputs["new_v"], positions)
         return outputs["logits"].clone()  # the buffer is reused by the next call
-
-    @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        return self._run("prefill", tokens, positions, cache)
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens, positions = self.check_call(tokens, positions, cache, 1)
-        return self._run("decode", tokens, positions, cache)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import artifact_ladder as ladder
 import dbrx_aot
+import test_ladder as ladder
 from conftest import TOLERANCE, copy_artifact
 from dbrx_aot.errors import DbrxAotError
 
@@ -17,27 +17,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 ATOL = TOLERANCE[("onnxruntime", torch.float32)]
-
-
-@pytest.fixture(scope="module")
-def runtimes(artifacts):
-    return {moe: (dbrx_aot.load_runtime(path, "onnxruntime", progress=False),
-                  dbrx_aot.load_runtime(path, "eager", progress=False)) for moe, path in artifacts.items()}
-
-
-@pytest.mark.parametrize("moe", ["dense", "gather", "auto"])
-def test_prefill_and_32_decode_steps_match_eager(runtimes, moe):
-    """This is the check that catches a cache constant-folded into the graph."""
-    ladder.check_prefill_and_decode(*runtimes[moe], atol=ATOL)
-
-
-@pytest.mark.parametrize("moe", ["dense", "auto"])
-def test_long_and_ragged_prompts(runtimes, moe):
-    ladder.check_long_and_ragged_prompts(*runtimes[moe])
-
-
-def test_two_caches_do_not_interfere(runtimes):
-    ladder.check_two_caches(runtimes["auto"][0])
 
 
 def test_checker_and_external_data_into_weights(artifacts):

@@ -229,6 +229,18 @@ def test_edge_other_torch_checksum_format(artifacts, tmp_path):
     one_line_error(run("generate", art, "--runtime", "onnxruntime", "--prompt", "x"), "prefill.onnx")
 
 
+def test_edge_checksum_mismatch_and_opt_out(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    weights = sorted((art / "weights").iterdir())[-1]
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    for runtime in ("eager", "aoti", "onnxruntime"):
+        one_line_error(run("generate", art, "--runtime", runtime, "--prompt", "x"), "sha256 does not match")
+    result = run("--no-verify-checksums", "generate", art, "--runtime", "aoti", "--prompt", "x", "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+
+
 def test_edge_unknown_runtime_and_cuda(artifacts):
     one_line_error(run("generate", artifacts["auto"], "--runtime", "tensorrt", "--prompt", "x"),
                    "unknown runtime 'tensorrt'")

@@ -1,13 +1,13 @@
-"""The parity ladder every compiled runtime climbs against eager (imported by test_aoti / test_onnx).
-
-Each check loads the runtime under test and the eager model from the same artifact's weights.
-"""
+"""The parity ladder every compiled runtime climbs against eager, on the same artifact's weights:
+prefill, 32 cached decode steps, greedy continuations, long and ragged prompts, two caches."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dbrx_aot
+from conftest import TOLERANCE
 
 STEPS = 32
 
@@ -69,3 +69,38 @@ def check_two_caches(runtime) -> None:
     for i in (0, 1):
         for x, y in zip(alone[i], interleaved[i]):
             torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+RUNTIMES = ["aoti", "onnxruntime"]
+
+
+@pytest.fixture(scope="module")
+def loaded(artifacts):
+    """(runtime under test, eager) per (runtime, moe), loaded once."""
+    cache = {}
+
+    def get(runtime, moe):
+        if (runtime, moe) not in cache:
+            cache[runtime, moe] = (dbrx_aot.load_runtime(artifacts[moe], runtime, progress=False),
+                                   dbrx_aot.load_runtime(artifacts[moe], "eager", progress=False))
+        return cache[runtime, moe]
+
+    return get
+
+
+@pytest.mark.parametrize("moe", ["dense", "gather", "auto"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_prefill_and_32_decode_steps_match_eager(loaded, runtime, moe):
+    """For ONNX this is the check that catches a cache constant-folded into the graph."""
+    check_prefill_and_decode(*loaded(runtime, moe), atol=TOLERANCE[(runtime, torch.float32)])
+
+
+@pytest.mark.parametrize("moe", ["dense", "auto"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_long_and_ragged_prompts(loaded, runtime, moe):
+    check_long_and_ragged_prompts(*loaded(runtime, moe))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_two_caches_do_not_interfere(loaded, runtime):
+    check_two_caches(loaded(runtime, "auto")[0])

@@ -1,0 +1,44 @@
+"""What the compiled-artifact runtimes (aoti, onnxruntime) share: opening and checking an artifact,
+and the attributes its manifest fixes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.export.manifest import Manifest
+from dbrx_aot.runtimes import RuntimeBase, resolve_device
+
+
+
+def open_artifact(path: Path, fmt: str, device) -> tuple[Manifest, torch.device]:
+    """The manifest (checked), and the device: the format is there, and weights."""
+    manifest = Manifest.read(path)
+    dev = resolve_device(device)
+    if fmt not in manifest.formats:
+        raise DbrxAotError(f"{path}: holds {', '.join(manifest.formats)}, not {fmt} (re-export with "
+                           f"--format {fmt})")
+    if not manifest.weights:
+        raise DbrxAotError(f"{path}: exported with --skip-weights (compile-only); it has no weights to run")
+    return manifest, dev
+
+
+def verify_artifact_files(manifest: Manifest, path: Path, fmt: str, checksums: bool, progress: bool) -> None:
+    """The two graphs of ``fmt`` and the weights: present, the right size, and (unless disabled) sha256."""
+    graphs = [manifest.graphs[g][fmt] for g in ("prefill", "decode")]
+    weights = sorted({f"weights/{f}" for f in manifest.weights.values()})
+    manifest.verify_files(path, graphs + weights, checksums=checksums, progress=progress)
+
+
+class ArtifactRuntime(RuntimeBase):
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device):
+        self.path, self.manifest = path, manifest
+        self.config = manifest.config
+        self.tokenizer = manifest.tokenizer_obj()
+        self.device = device
+        self.dtype = manifest.torch_dtype()
+        self.batch_size, self.max_seq_len = manifest.batch_size, manifest.max_seq_len
+        self.prefill_chunk = manifest.prefill_chunk
+        self.decode_moe = manifest.moe_modes["decode"]
