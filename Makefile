@@ -45,7 +45,7 @@ $(DEMO_DIR)/checkpoint/config.json: $(VENV)/.installed
 
 $(DEMO_DIR)/artifact/manifest.json: $(DEMO_DIR)/checkpoint/config.json
 	$(CLI) export $(DEMO_DIR)/checkpoint -o $(DEMO_DIR)/artifact --format aoti,onnx \
-		--max-seq-len 128 --prefill-chunk 16 --force
+		--max-seq-len 512 --prefill-chunk 32 --force
 
 clean:
 	rm -rf build

@@ -57,7 +57,10 @@ def handles_errors(fn):
 def cli(ctx: click.Context, debug: bool, quiet: bool, no_verify_checksums: bool) -> None:
     """DBRX ahead of time: export a Hugging Face DBRX checkpoint to AOTInductor and ONNX, and run it."""
     ctx.obj = Context(debug, quiet, not no_verify_checksums)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("dbrx_aot")  # ours only: the libraries' INFO chatter stays off
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def progress_enabled() -> bool:

@@ -196,7 +196,7 @@ def _rope_theta(data: dict, attn: dict, source: str) -> float:
 
 PRESETS: dict[str, DbrxConfig] = {
     # Tests: the real vocabulary (so the tokenizer's ids are valid) at toy width.
-    "tiny": DbrxConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=100352, max_seq_len=256,
+    "tiny": DbrxConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=100352, max_seq_len=2048,
                        kv_n_heads=2, clip_qkv=8.0, rope_theta=500000.0, ffn_hidden_size=32,
                        moe_num_experts=16, moe_top_k=4),
     # CPU benchmarks: real vocabulary, 16 experts top-4, a few layers of modest width.
