@@ -135,7 +135,7 @@ def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch
     """Build the model with uninitialised storage and fill it tensor by tensor (no second copy)."""
     with torch.device("meta"):
         model = DbrxModel(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: never allocate another dtype
     params = dict(model.named_parameters())
     for name, tensor in weights if weights is not None else iter_checkpoint(path, config, dtype, progress):
         params[name].data.copy_(tensor)

@@ -97,8 +97,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         if not skip_weights:
             with stage("convert weights", timings, bar):
                 weights = convert_weights(checkpoint, config, torch_dtype, tmp / WEIGHTS_DIR, progress)
-        graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype,
-                                       functional="onnx" in formats and "aoti" not in formats)
+        # "outputs": the in-place form (logits; the cache is updated); "onnx_outputs": the ONNX form.
+        graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype, functional=False)
                   for name in GRAPHS}
         with stage("build empty model", timings, bar):
             model = empty_model(config, torch_dtype, dev)
@@ -134,17 +134,16 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             files=files)
         manifest.write(tmp)
         replace_dir(tmp, out)
-        bar.close()
     except OSError as err:
-        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise DbrxAotError(f"{out}: export failed writing {err.filename or tmp} ({reason}); nothing was "
                            "left behind") from None
     except BaseException:
-        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     sizes = {rel: info["bytes"] for rel, info in files.items()}
     log.info("exported %s (%s), %.1f MB", out, ", ".join(formats), sum(sizes.values()) / 1e6)
     return ExportReport(out, timings, sizes)
