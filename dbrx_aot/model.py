@@ -188,6 +188,31 @@ class DbrxModel(nn.Module):
         return logits, torch.stack(new_k), torch.stack(new_v)           # [L, B, K, T, hd]
 
 
+class RowDotLinear(nn.Module):
+    """``x W^T`` as a multiply and a row reduction, for one-token decode graphs on CPU: Inductor
+    fuses it into one kernel that streams W, where a BLAS gemv reaches less of the memory bandwidth
+    (lm_head of the small preset on 2 cores: 17 ms vs 25 ms). Compiled graphs only: run eagerly,
+    it would materialise the product."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        assert linear.bias is None
+        self.weight = linear.weight
+
+    def forward(self, x):
+        return (x[..., None, :] * self.weight).sum(-1)  # [..., 1, D] * [O, D] -> [..., O]
+
+
+def replace_linear_with_rowdot(module: nn.Module) -> nn.Module:
+    """Swap every nn.Linear below ``module`` for a RowDotLinear on the same weight, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, RowDotLinear(child))
+        else:
+            replace_linear_with_rowdot(child)
+    return module
+
+
 def write_cache_(k_cache, v_cache, new_k, new_v, positions) -> None:
     """Write the call's keys/values [L, B, K, T, hd] at their positions [B, T], in place."""
     L, B, K, T, hd = new_k.shape

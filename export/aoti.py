@@ -6,12 +6,13 @@ prefill and decode share one copy of them, the artifact's weights/.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 import torch._inductor
 
-from dbrx_aot.model import DbrxModel
+from dbrx_aot.model import DbrxModel, replace_linear_with_rowdot
 from dbrx_aot.export.trace import GraphSpec, export_program
 
 INDUCTOR_CONFIGS = {
@@ -19,8 +20,16 @@ INDUCTOR_CONFIGS = {
 }
 
 
+def uses_rowdot(spec: GraphSpec, batch_size: int, device: torch.device) -> bool:
+    """One-token CPU decode at batch 1: the projections are matrix-vector products (RowDotLinear)."""
+    return device.type == "cpu" and spec.tokens == 1 and batch_size == 1
+
+
 def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path) -> Path:
     """torch.export the in-place-cache graph and compile it into ``out`` (.pt2)."""
+    if uses_rowdot(spec, batch_size, next(model.parameters()).device):
+        # A structural copy sharing the same parameters (no weight is copied).
+        model = replace_linear_with_rowdot(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():

@@ -103,12 +103,13 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         with stage("build empty model", timings, bar):
             model = empty_model(config, torch_dtype, dev)
         if "aoti" in formats:
-            from dbrx_aot.export.aoti import compile_package
+            from dbrx_aot.export.aoti import compile_package, uses_rowdot
 
             for name in GRAPHS:
                 with stage(f"aoti {name}: export + compile", timings, bar):
                     compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
                 graphs[name]["aoti"] = f"aoti/{name}.pt2"
+                graphs[name]["aoti_linear"] = "rowdot" if uses_rowdot(specs[name], batch_size, dev) else "mm"
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 

@@ -76,12 +76,16 @@ ARTIFACT_FORMATS = "aoti,onnx"
 
 @pytest.fixture(scope="session")
 def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """One tiny-preset fp32 artifact per MoE mode, exported once per session (compiles are slow)."""
+    """One tiny-preset fp32 artifact per MoE mode, exported once per session (compiles are slow).
+
+    The gather one has batch 1, so its AOTInductor decode graph is the CPU matrix-vector form
+    (RowDotLinear); the others have batch 2 (ragged batches).
+    """
     from dbrx_aot.export import export_artifact
 
     root = tmp_path_factory.mktemp("artifacts")
     return {moe: export_artifact(tiny_checkpoint, root / moe, formats=ARTIFACT_FORMATS, moe=moe, progress=False,
-                                 **ARTIFACT_SHAPES).path
+                                 **{**ARTIFACT_SHAPES, "batch_size": 1 if moe == "gather" else 2}).path
             for moe in ("dense", "gather", "auto")}
 
 

@@ -14,6 +14,29 @@ from conftest import copy_artifact
 from dbrx_aot.cli import cli
 from dbrx_aot.errors import DbrxAotError
 
+def test_rowdot_linear_equals_linear():
+    from dbrx_aot.model import DbrxModel, replace_linear_with_rowdot
+    from conftest import parity_config
+
+    torch.manual_seed(0)
+    model = DbrxModel(parity_config("base"))
+    x = torch.randn(1, 1, 64)
+    expected = [model.blocks[0].attn.Wqkv(x), model.lm_head(x), model.blocks[1].ffn.router(x)]
+    replace_linear_with_rowdot(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in DbrxModel(parity_config("base")).named_parameters()]
+    got = [model.blocks[0].attn.Wqkv(x), model.lm_head(x), model.blocks[1].ffn.router(x)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_at_batch_1_uses_rowdot(artifacts):
+    gather = json.loads((artifacts["gather"] / "manifest.json").read_text())["graphs"]
+    auto = json.loads((artifacts["auto"] / "manifest.json").read_text())["graphs"]
+    assert gather["decode"]["aoti_linear"] == "rowdot" and gather["prefill"]["aoti_linear"] == "mm"
+    assert auto["decode"]["aoti_linear"] == "mm"  # batch 2: a real matrix product
+
+
 def test_manifest_records_the_build(artifacts):
     manifest = json.loads((artifacts["auto"] / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["versions"]["torch"] == torch.__version__
