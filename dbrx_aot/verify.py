@@ -30,7 +30,8 @@ class Tolerance:
 # The one tolerance table, keyed by (runtime, dtype). fp32 is tight (different kernels, same math);
 # half precision allows the rounding of a different operation order.
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("eager", "float32"): Tolerance(1e-5, 1.0, 1e-9),
+    ("reference", "float32"): Tolerance(1e-4, 1.0, 1e-7),  # eager vs transformers' DbrxForCausalLM (tests)
+    ("eager", "float32"): Tolerance(1e-5, 1.0, 1e-9),       # eager vs itself rearranged (chunks, batch)
     ("aoti", "float32"): Tolerance(1e-4, 1.0, 1e-7),
     ("onnxruntime", "float32"): Tolerance(1e-4, 1.0, 1e-7),
     ("aoti", "bfloat16"): Tolerance(0.5, 0.95, 2e-2),

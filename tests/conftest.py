@@ -11,15 +11,10 @@ import torch
 
 from dbrx_aot.checkpoint import write_random_checkpoint
 from dbrx_aot.config import DbrxConfig, preset
+from dbrx_aot.verify import TOLERANCES
 
-# Tolerances, keyed by (runtime, dtype): max absolute logit error against the eager model (for
-# "reference", eager against transformers' DbrxForCausalLM).
-TOLERANCE = {
-    ("reference", torch.float32): 1e-4,
-    ("eager", torch.float32): 1e-5,      # eager against itself in another arrangement (chunks, batch)
-    ("aoti", torch.float32): 1e-4,
-    ("onnxruntime", torch.float32): 1e-4,
-}
+# The package's one tolerance table, as max absolute logit error keyed by (runtime, torch dtype).
+TOLERANCE = {(runtime, getattr(torch, dtype)): tol.max_abs for (runtime, dtype), tol in TOLERANCES.items()}
 
 # A small-vocabulary base for parity configs; each case overrides a few fields.
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, kv_n_heads=2, clip_qkv=8.0,
