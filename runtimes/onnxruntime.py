@@ -92,9 +92,8 @@ class OnnxRuntime(ArtifactRuntime):
     def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         session = self.sessions[graph]
         io = session.io_binding()
-        # Bound by pointer: the tensors must outlive the run, so keep them referenced here.
-        inputs = {"tokens": tokens.contiguous(), "positions": positions.contiguous(), "k_cache": cache.k,
-                  "v_cache": cache.v}
+        # Bound by pointer (check_call made them contiguous, on this device); referenced until the run ends.
+        inputs = {"tokens": tokens, "positions": positions, "k_cache": cache.k, "v_cache": cache.v}
         for name, tensor in inputs.items():
             bind(io, name, tensor)
         outputs = self._outputs[graph]
