@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.app import checksum_option
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.runtimes import Runtime, load_runtime
+from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
 
 
 def sync(device: torch.device) -> None:
@@ -69,12 +69,7 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
         raise DbrxAotError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the cache of {S} positions")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(rt.config.vocab_size, 100000), (B, prompt_len), generator=g)
-    chunks = []
-    for start in range(0, prompt_len, P):
-        tokens = torch.zeros(B, P, dtype=torch.int64)
-        n = min(P, prompt_len - start)
-        tokens[:, :n] = prompt[:, start:start + n]
-        chunks.append((tokens, (start + torch.arange(P)).clamp(max=S - 1).expand(B, P).contiguous()))
+    chunks = [(tokens, positions) for _, tokens, positions in prefill_chunks(prompt.tolist(), P, S)]
 
     def run_prefill(cache):
         for tokens, positions in chunks:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.runtimes import PAD_TOKEN, KVCache, Runtime
+from dbrx_aot.runtimes import PAD_TOKEN, KVCache, Runtime, prefill_chunks
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -84,25 +84,17 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
         generator.manual_seed(seed)
     else:
         generator.seed()
-    pad = PAD_TOKEN
-    rows = [list(p) for p in prompts] + [[pad]] * (B - n)  # unused rows run a one-token dummy
+    rows = [list(p) for p in prompts] + [[PAD_TOKEN]] * (B - n)  # unused rows run a one-token dummy
     offs = offsets + [0] * (B - n)
     lengths = [len(r) for r in rows]
 
     # Prefill, chunk by chunk; each row's next-token logits come from the chunk holding its last token.
     last = torch.empty(B, V, device=device, dtype=torch.float32)
-    arange = torch.arange(P)
-    for c in range(-(-max(lengths) // P)):
-        tokens = torch.full((B, P), pad, dtype=torch.int64)
-        positions = torch.empty((B, P), dtype=torch.int64)
-        for b, row in enumerate(rows):
-            seg = row[c * P:(c + 1) * P]
-            tokens[b, :len(seg)] = torch.tensor(seg, dtype=torch.int64)
-            positions[b] = (offs[b] + c * P + arange).clamp(max=S - 1)
+    for start, tokens, positions in prefill_chunks(rows, P, S, offs):
         logits = runtime.prefill(tokens, positions, cache)
         for b in range(B):
-            if c * P <= lengths[b] - 1 < (c + 1) * P:
-                last[b] = logits[b, lengths[b] - 1 - c * P].float()
+            if start <= lengths[b] - 1 < start + P:
+                last[b] = logits[b, lengths[b] - 1 - start].float()
 
     out: list[list[int]] = [[] for _ in range(n)]
     done = [b >= n for b in range(B)]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.app import checksum_option
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.generate import generate
-from dbrx_aot.runtimes import Runtime, load_runtime
+from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,19 +116,14 @@ def teacher_forced(runtime: Runtime, eager: Runtime, rows: list[list[int]], step
     lengths = [len(r) for r in rows]
     c_rt, c_eager = runtime.new_cache(), eager.new_cache()
     last = [None] * B
-    for c in range(-(-max(lengths) // P)):
-        tokens = torch.zeros(B, P, dtype=torch.int64)
-        for b, r in enumerate(rows):
-            seg = r[c * P:(c + 1) * P]
-            tokens[b, :len(seg)] = torch.tensor(seg)
-        positions = (c * P + torch.arange(P)).clamp(max=S - 1).expand(B, P)
+    for start, tokens, positions in prefill_chunks(rows, P, S):
         got, expected = runtime.prefill(tokens, positions, c_rt), eager.prefill(tokens, positions, c_eager)
         for i in range(P):
-            valid = torch.tensor([c * P + i < n for n in lengths])
+            valid = torch.tensor([start + i < n for n in lengths])
             yield got[:, i], expected[:, i], valid.to(got.device)
         for b, n in enumerate(lengths):
-            if c * P <= n - 1 < (c + 1) * P:
-                last[b] = expected[b, n - 1 - c * P].argmax()
+            if start <= n - 1 < start + P:
+                last[b] = expected[b, n - 1 - start].argmax()
     nxt = torch.stack(last)
     for step in range(steps):
         pos = torch.tensor([[min(n + step, S - 1)] for n in lengths])

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dbrx_aot
-from dbrx_aot.checkpoint import checkpoint_shards, iter_checkpoint, replace_dir
+from dbrx_aot.checkpoint import checkpoint_shards, graph_shapes, hub_to_graph_keys, iter_checkpoint, replace_dir
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.export.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
@@ -156,8 +156,6 @@ def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, ou
 
     One output file per input shard; returns {graph name: file name}.
     """
-    from dbrx_aot.checkpoint import graph_shapes, hub_to_graph_keys
-
     out.mkdir(parents=True)
     shapes = graph_shapes(config)
     graph_keys = hub_to_graph_keys(config)

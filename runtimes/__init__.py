@@ -10,7 +10,7 @@ import dataclasses
 import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -27,6 +27,26 @@ ENTRY_POINT_GROUP = "dbrx_aot.runtimes"
 # The token id in padding slots (after a row's last token, and in unused rows). Any valid id would
 # do: no real position ever attends to a padding slot. 0 is valid in every vocabulary.
 PAD_TOKEN = 0
+
+
+def prefill_chunks(rows: Sequence[Sequence[int]], chunk: int, max_seq_len: int,
+                   offsets: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Split rows of token ids into prefill calls: (start, tokens [B, P], positions [B, P]).
+
+    Row b's token i sits at position offsets[b] + i. Padding (PAD_TOKEN) follows a row's last
+    token and continues its positions, clamped to the last cache slot.
+    """
+    B, P = len(rows), chunk
+    offsets = offsets if offsets is not None else [0] * B
+    arange = torch.arange(P)
+    for start in range(0, max(len(r) for r in rows), P):
+        tokens = torch.full((B, P), PAD_TOKEN, dtype=torch.int64)
+        positions = torch.empty((B, P), dtype=torch.int64)
+        for b, row in enumerate(rows):
+            seg = row[start:start + P]
+            tokens[b, :len(seg)] = torch.as_tensor(seg, dtype=torch.int64)
+            positions[b] = (offsets[b] + start + arange).clamp(max=max_seq_len - 1)
+        yield start, tokens, positions
 
 
 @dataclasses.dataclass
@@ -119,16 +139,9 @@ class RuntimeBase:
             raise DbrxAotError(f"{self.name} runtime: input_ids {list(input_ids.shape)}, expected "
                                f"[{self.batch_size}, <= {self.max_seq_len}]")
         cache = self.new_cache()
-        P = self.prefill_chunk
-        out = []
-        for start in range(0, T, P):
-            chunk = input_ids[:, start:start + P].to(self.device)
-            n = chunk.shape[1]
-            positions = torch.arange(start, start + P, device=self.device).clamp(max=self.max_seq_len - 1)
-            tokens = torch.nn.functional.pad(chunk, (0, P - n), value=PAD_TOKEN)
-            logits = self.prefill(tokens, positions.expand(B, P), cache)
-            out.append(logits[:, :n])
-        return torch.cat(out, dim=1)
+        out = [self.prefill(tokens, positions, cache)
+               for _, tokens, positions in prefill_chunks(input_ids.tolist(), self.prefill_chunk, self.max_seq_len)]
+        return torch.cat(out, dim=1)[:, :T]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
