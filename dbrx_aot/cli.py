@@ -239,6 +239,36 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
         click.echo(f"\n[{conv.tokens_used}/{rt.max_seq_len} tokens]", err=True)
 
 
+@cli.command("serve")
+@click.argument("path", type=click.Path(path_type=Path))
+@RUNTIME_OPTION
+@DEVICE_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--max-queue", default=64, show_default=True,
+              help="Requests that may wait for a free row; beyond them the server answers 429.")
+@click.option("--grace", default=30.0, show_default=True,
+              help="Seconds SIGTERM / Ctrl-C lets in-flight requests finish before cancelling them.")
+@click.option("--model-name", default=None, help="The model id clients send [default: PATH's directory name].")
+@handles_errors
+def serve_cmd(path: Path, runtime: str, device: str, host: str, port: int, max_queue: int, grace: float,
+              model_name: str | None) -> None:
+    """Serve the OpenAI API (chat and completions, streaming or not) with continuous batching.
+
+    Each of the artifact's B rows is a slot: requests take a free row, wait in a FIFO queue when
+    none is, and free it when done. The ready line (with the URL) goes to stdout.
+
+    \b
+    Example:
+      dbrx-aot serve build/artifact --runtime aoti --port 8000 --max-queue 32
+    """
+    from dbrx_aot.server import serve
+
+    serve(path, runtime=runtime, device=device, host=host, port=port, max_queue=max_queue, grace=grace,
+          model_name=model_name, verify_checksums=verify_checksums(), progress=progress_enabled(),
+          ready=lambda line: click.echo(line))
+
+
 @cli.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--runtime", "runtimes", multiple=True, default=["all"], show_default=True,
