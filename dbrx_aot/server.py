@@ -424,13 +424,13 @@ class StreamOptions(BaseModel):
 class CommonRequest(BaseModel):
     """The fields both endpoints take. Strict: "5" is not an int, 1.0 is not a max_tokens."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)  # an extension (vLLM's name for it)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.Generator takes
     stop: Union[str, list[str], None] = None
     n: int = 1
     stream: bool = False

@@ -54,6 +54,12 @@ def runtime(serve_artifact):
     return load_runtime(serve_artifact, runtime="aoti", progress=False)
 
 
+@pytest.fixture(scope="module", params=["aoti", "eager"])
+def slot_runtime(request, serve_artifact, runtime):
+    """The slot tests run on the compiled graphs and on the eager model of the same artifact."""
+    return runtime if request.param == "aoti" else load_runtime(serve_artifact, runtime="eager", progress=False)
+
+
 def reference(rt, prompt: list[int], max_tokens: int) -> list[int]:
     """The ids generate() gives this prompt alone, greedy (an eos that ends it is its last id)."""
     return generate(rt, [prompt], max_new_tokens=max_tokens, temperature=0.0)[0]
@@ -65,11 +71,11 @@ def reference_text(rt, prompt: list[int], max_tokens: int) -> str:
 
 # --- The scheduler, in-process ------------------------------------------------------------------
 
-def test_padding_rule_leaves_other_rows_alone(runtime):
+def test_padding_rule_leaves_other_rows_alone(slot_runtime):
     """Row 0 decodes; in between, row 1 is prefilled (row 0 fed positions pos.. as the scheduler does)
     and row 1 sits mid-prompt in a decode call (fed its next chunk's start). Row 0's logits are
     bitwise those of row 0 decoding with nothing else going on, including at the cache's end."""
-    rt = runtime
+    rt = slot_runtime
     prompt = list(range(1000, 1020))  # 20 tokens: two prefill chunks
 
     def run(interleave: bool, offset: int) -> list[torch.Tensor]:
@@ -116,10 +122,10 @@ def collect(job_events: list) -> tuple[list[int], Finished]:
     return ids, ends[0]
 
 
-def test_scheduler_matches_generate_alone(runtime):
+def test_scheduler_matches_generate_alone(slot_runtime):
     """Jobs arrive while others decode (multi-chunk prompts prefilled between decode steps), queue
     when the 4 rows are full, and each one's greedy ids equal generate() on that prompt alone."""
-    rt = runtime
+    rt = slot_runtime
     prompts = [rt.tokenizer.encode(p) for p in PROMPTS[:7]]
     prompts[4] = prompts[4] + prompts[2] * 3  # > 2 chunks
     max_tokens = [12, 8, 12, 5, 10, 12, 3]
@@ -434,6 +440,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "up to 4"),
     ("/v1/chat/completions", chat_body(stop=[""]), 400, "stop", "non-empty"),
     ("/v1/chat/completions", chat_body(seed="1"), 400, "seed", ""),
+    ("/v1/chat/completions", chat_body(seed=1 << 64), 400, "seed", "less than or equal to"),
+    ("/v1/chat/completions", json.dumps(chat_body(temperature=0.5)).replace("0.5", "NaN"), 400, "temperature", ""),
     ("/v1/chat/completions", chat_body(logprobs=True), 400, "logprobs", "not supported"),
     ("/v1/chat/completions", json.dumps(chat_body(messages=[SYSTEM, {"role": "user", "content": "x" * (1 << 20)}])),
      413, None, "limit"),
