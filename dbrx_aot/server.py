@@ -552,7 +552,7 @@ class Api:
     async def generate(self, request: Request, req: CommonRequest, prompt: list[int], sampling: Sampling,
                        chat: bool) -> Response:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client went away
         job = Job(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             self.scheduler.submit(job)
@@ -570,16 +570,20 @@ class Api:
         return await self.collect(request, job, events, rid, chat)
 
     async def collect(self, request: Request, job: Job, events: asyncio.Queue, rid: str, chat: bool) -> Response:
+        async def watch_disconnect() -> None:
+            # The body is read, so the next message is the disconnect (or the end of our response).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+            events.put_nowait(None)
+
+        watcher = asyncio.create_task(watch_disconnect())
         text = []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return Response(status_code=499)  # nobody reads it
-                    continue
+                event = await events.get()
+                if event is None:
+                    return Response(status_code=499)  # the client went away; nobody reads this
                 if isinstance(event, Token):
                     text.append(event.text)
                 elif isinstance(event, Failed):
@@ -587,6 +591,7 @@ class Api:
                 else:
                     break
         finally:
+            watcher.cancel()
             job.cancel()  # a no-op once finished; frees the row if this handler was cancelled
         content = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
@@ -644,6 +649,25 @@ def usage(event: Finished) -> dict:
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
+class CountRequests:
+    """ASGI middleware counting responses by endpoint and status (pure ASGI: streams pass through untouched)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(scheduler: Scheduler, model_name: str, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI application; its lifespan starts and stops the scheduler's thread."""
     api = Api(scheduler, model_name, max_body)
@@ -659,12 +683,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_body: int = MAX_BODY_B
 
     app = FastAPI(title="dbrx-aot", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        metrics.requests.labels(path if path in ENDPOINTS else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:

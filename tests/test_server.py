@@ -373,9 +373,12 @@ def test_concurrent_requests_each_match_alone(server):
 
 KILLED_CLIENT = """
 import http.client, json, sys
+stream = sys.argv[2] == "stream"
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
 conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Hello", "max_tokens": 280, "temperature": 0,
-             "stream": True}), headers={"Content-Type": "application/json"})
+             "stream": stream}), headers={"Content-Type": "application/json"})
+if not stream:
+    print("waiting", flush=True)
 resp = conn.getresponse()
 while not resp.readline().startswith(b"data: "):
     pass
@@ -385,20 +388,24 @@ while resp.readline():
 """
 
 
-def test_client_killed_mid_stream_frees_its_row(server):
+@pytest.mark.parametrize("mode", ["stream", "whole"])
+def test_client_killed_mid_request_frees_its_row(server, mode):
     cancelled = server.metric('dbrx_aot_finished_requests_total{reason="cancelled"}')
-    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server.port)], stdout=subprocess.PIPE,
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(server.port), mode], stdout=subprocess.PIPE,
                               text=True)
     try:
-        assert client.stdout.readline().strip() == "streaming"
-        assert server.metric("dbrx_aot_busy_rows") == 1
+        assert client.stdout.readline().strip() == ("streaming" if mode == "stream" else "waiting")
+        deadline = time.monotonic() + 30
+        while server.metric("dbrx_aot_busy_rows") != 1:  # generating (stream: already is)
+            assert time.monotonic() < deadline, "the request never took a row"
+            time.sleep(0.05)
     finally:
         client.kill()
         client.wait(10)
     deadline = time.monotonic() + 30
     while server.metric('dbrx_aot_finished_requests_total{reason="cancelled"}') == cancelled:
         assert time.monotonic() < deadline, "the killed client's row was never freed"
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert server.metric("dbrx_aot_busy_rows") == 0
     out = server.client().completions.create(model="tiny-b4", prompt="Hello", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens >= 1
