@@ -528,12 +528,21 @@ def test_sigterm_drains_then_exits_0(serve_artifact, tmp_path):
         while (event := next_event(short)) is not None:
             events.append(event)
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+        while True:  # no longer accepting, while still draining the long request
+            try:
+                socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() - start < 10, "still accepting connections 10 s after SIGTERM"
+            time.sleep(0.02)
+        assert srv.proc.poll() is None, "exited before the 1 s grace period was over"
         try:
             while (event := next_event(long)) not in (None, "[DONE]"):
                 pass
         except (http.client.IncompleteRead, ConnectionError):
             event = None
         assert event is None, "300 tokens finished within a 1 s grace period?"
+        assert time.monotonic() - start >= 0.9, "cut before the grace period was over"
         assert srv.proc.wait(timeout=30) == 0  # no second signal: one SIGTERM is enough
         assert time.monotonic() - start < 20
         assert "Application shutdown complete" in srv.log.read_text()
