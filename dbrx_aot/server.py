@@ -370,10 +370,10 @@ class Scheduler:
     def _end(self, b: int, event: Event | None, reason: str) -> None:
         job = self.rows[b].job
         self.rows[b] = None
+        self.metrics.busy_rows.set(sum(s is not None for s in self.rows))
+        self._count_end(reason)  # before the event: a client that sees its end sees the row free
         if event is not None:
             self._deliver(job, event)
-        self._count_end(reason)
-        self.metrics.busy_rows.set(sum(s is not None for s in self.rows))
 
     def _count_end(self, reason: str) -> None:
         with self._cond:
