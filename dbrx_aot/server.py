@@ -307,7 +307,7 @@ class Scheduler:
         if done:
             ids = self._sample(done, torch.stack([logits[b, chunk[b] - 1] for b in done]))
             for b, token in zip(done, ids):
-                self._emit(b, token)
+                self._emit_isolated(b, token)
 
     def _decode(self) -> None:
         rt = self.runtime
@@ -329,7 +329,7 @@ class Scheduler:
             self.rows[b].pos += 1
         ids = self._sample(rows, logits[rows])
         for b, token in zip(rows, ids):
-            self._emit(b, token)
+            self._emit_isolated(b, token)
 
     def _sample(self, rows: list[int], logits: torch.Tensor) -> list[int]:
         """Each row with its own request's settings and generator; logits [len(rows), V] stay on the device."""
@@ -338,6 +338,16 @@ class Scheduler:
             s = self.rows[b].job.sampling
             chosen.append(sample(logits[i:i + 1].float(), s.temperature, s.top_k, s.top_p, self.rows[b].generator))
         return torch.cat(chosen).tolist()
+
+    def _emit_isolated(self, b: int, token: int) -> None:
+        """A request whose token cannot be turned into text fails alone; the other rows go on."""
+        try:
+            self._emit(b, token)
+        except Exception as err:
+            log.exception("row %d: token %d", b, token)
+            if self.rows[b] is not None:
+                self._end(b, Failed(f"generation failed at token {token}: {type(err).__name__}: {err}", 500),
+                          "failed")
 
     def _emit(self, b: int, token: int) -> None:
         slot = self.rows[b]

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from dbrx_aot.cli import cli
 from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import PAD_TOKEN, load_runtime
-from dbrx_aot.server import Finished, Job, QueueFull, Sampling, Scheduler, TextOut, Token
+from dbrx_aot.server import Failed, Finished, Job, QueueFull, Sampling, Scheduler, TextOut, Token
 from dbrx_aot.tokenizer import Tokenizer
 
 SHAPES = dict(batch_size=4, max_seq_len=320, prefill_chunk=16)
@@ -169,6 +169,28 @@ def test_cancelled_job_frees_its_row(runtime):
     scheduler.submit(late)  # its place is free again
     scheduler.step()
     assert scheduler.rows[2] is not None and scheduler.rows[2].job is late
+
+
+def test_a_failing_row_fails_alone(runtime):
+    """A request whose text step raises (say, a sampled id the tokenizer cannot decode) ends with
+    Failed; the request beside it still gets its reference ids."""
+    scheduler = Scheduler(runtime, max_queue=0)
+    events: list[list] = [[], []]
+    prompts = [runtime.tokenizer.encode("Hello"), runtime.tokenizer.encode("def fib(n):")]
+    for n, prompt in enumerate(prompts):
+        scheduler.submit(Job(prompt, Sampling(max_tokens=6, temperature=0.0), events[n].append))
+    scheduler.step()
+
+    def broken(token):
+        raise KeyError(token)
+
+    scheduler.rows[0].text.push = broken
+    for _ in range(20):
+        scheduler.step()
+    assert isinstance(events[0][-1], Failed) and events[0][-1].status == 500
+    ids, _ = collect(events[1])
+    assert ids == reference(runtime, prompts[1], 6)
+    assert scheduler.rows == [None] * B
 
 
 def test_text_out_holds_back_possible_stop_strings():
