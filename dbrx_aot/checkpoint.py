@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import DbrxModel
+from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
 
@@ -172,8 +172,7 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
     keys = list(shapes)
     if shards > len(keys):
         raise DbrxAotError(f"--shards={shards}, expected at most {len(keys)} (the number of tensors)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         generator = torch.Generator().manual_seed(seed)
         groups = [keys[i * len(keys) // shards:(i + 1) * len(keys) // shards] for i in range(shards)]
@@ -208,15 +207,3 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing one (--force) is removed only then."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
-
