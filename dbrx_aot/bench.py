@@ -8,10 +8,12 @@ of a large copy measured here on the same device, is the fraction of the limit r
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 import os
+import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.app import checksum_option
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
+from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks, resolve_device
 
 
 def sync(device: torch.device) -> None:
@@ -111,41 +113,52 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
 
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
           verify_checksums: bool = True, progress: bool = True) -> dict:
-    """Each runtime in turn, in this one process: load time, prefill and decode speed, memory, and
-    the fraction of the memory-bandwidth limit decode reaches."""
+    """Each runtime in turn, each in a fresh process of its own (so its memory figures are its own,
+    not what an earlier runtime left allocated): load time, prefill and decode speed, memory, and
+    the fraction of the memory-bandwidth limit decode reaches (the bandwidth is measured here, in
+    the same run, on the same device)."""
+    for option, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise DbrxAotError(f"{option} {value}: expected a positive integer")
+    bandwidth = copy_bandwidth(resolve_device(device))
     results = {}
-    bandwidth = None
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory, threads or CUDA state inherited
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
-        gc.collect()
-        base_rss = rss_gb()
-        start = time.perf_counter()
-        rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums))
-        load_s = time.perf_counter() - start
-        if bandwidth is None:
-            bandwidth = copy_bandwidth(rt.device)
-        if rt.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(rt.device)
-        result = bench_runtime(rt, prompt_len, new_tokens)
-        parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize)
-        step_bytes = sum(parts.values())
-        result.update({
-            "load_s": load_s,
-            "rss_gb_after": rss_gb(),
-            "rss_gb_added": rss_gb() - base_rss,
-            "cuda_max_allocated_gb": (torch.cuda.max_memory_allocated(rt.device) / 1e9
-                                      if rt.device.type == "cuda" else None),
-            "decode_moe": rt.decode_moe,
-            "decode_bytes_per_step": step_bytes,
-            "decode_bytes_by_part": parts,
-            "decode_bandwidth_gb_s": step_bytes * result["decode_steps_per_s"] / 1e9,
-            "fraction_of_bandwidth_limit": step_bytes * result["decode_steps_per_s"] / bandwidth,
-        })
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            result = pool.submit(bench_one, path, name, device, prompt_len, new_tokens, verify_checksums).result()
+        result["fraction_of_bandwidth_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / bandwidth
         results[name] = result
-        del rt
     config_src = load_manifest_or_none(path)
     return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
             "shapes": config_src, "results": results}
+
+
+def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: int, verify_checksums: bool) -> dict:
+    """One runtime, measured in the calling process (``bench`` runs it in a process of its own)."""
+    base_rss = rss_gb()
+    start = time.perf_counter()
+    rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums))
+    load_s = time.perf_counter() - start
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    result = bench_runtime(rt, prompt_len, new_tokens)
+    parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize)
+    step_bytes = sum(parts.values())
+    result.update({
+        "pid": os.getpid(),
+        "load_s": load_s,
+        "rss_gb_after": rss_gb(),
+        "rss_gb_added": rss_gb() - base_rss,
+        "rss_gb_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "cuda_max_allocated_gb": (torch.cuda.max_memory_allocated(rt.device) / 1e9
+                                  if rt.device.type == "cuda" else None),
+        "decode_moe": rt.decode_moe,
+        "decode_bytes_per_step": step_bytes,
+        "decode_bytes_by_part": parts,
+        "decode_bandwidth_gb_s": step_bytes * result["decode_steps_per_s"] / 1e9,
+    })
+    return result
 
 
 def load_manifest_or_none(path: Path) -> dict | None:
@@ -163,6 +176,7 @@ def format_table(report: dict) -> str:
              f"(torch {report['torch']}, {report['threads']} threads)"]
     header = (f"{'runtime':<13} {'prefill tok/s':>13} {'decode tok/s':>12} {'p50 ms':>8} {'p90 ms':>8} "
               f"{'GB/s':>7} {'of limit':>8} {'RSS GB':>7} {'vs eager':>8}")
+    lines.insert(1, "RSS: each runtime's own process after the run (each runs in a fresh process)")
     lines += [header, "-" * len(header)]
     base = report["results"].get("eager", {}).get("decode_tokens_per_s")
     for name, r in report["results"].items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -182,4 +183,12 @@ def load_runtime(path: str | Path, runtime: str = "eager", device: str | torch.d
     path = Path(path)
     if not path.exists():
         raise DbrxAotError(f"{path}: no such file or directory")
-    return runtime_class(runtime).load(path, device=device, **options)
+    cls = runtime_class(runtime)
+    accepted = inspect.signature(cls.load).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            names = [n for n in accepted if n not in ("path", "device")]
+            raise DbrxAotError(f"{runtime} runtime: unknown option {unknown[0]!r}, expected one of "
+                               f"{', '.join(names)}")
+    return cls.load(path, device=device, **options)

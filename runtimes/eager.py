@@ -56,8 +56,9 @@ class EagerRuntime(RuntimeBase):
                        max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe)
         config = DbrxConfig.from_file(path)
         dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        max_seq_len = max_seq_len or min(config.max_seq_len, 4096)
-        prefill_chunk = prefill_chunk or min(max_seq_len, 64)
+        max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
+        prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
+        check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)  # before reading any weight
         model = load_model(path, config, dtype, device, progress=progress)
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe)
