@@ -34,6 +34,8 @@ DEMO_PROMPT := What is a mixture of experts?
 # the artifact are kept, so a second run only verifies and generates.
 demo: setup $(DEMO_DIR)/artifact/manifest.json
 	$(CLI) verify $(DEMO_DIR)/artifact --runtime all --steps 16
+	@echo "note: the demo checkpoint has RANDOM weights, so the replies below are noise by design;"
+	@echo "      what to look at is that the three runtimes print the same tokens."
 	@for rt in eager aoti onnxruntime; do \
 		echo "--- $$rt"; \
 		$(CLI) --quiet generate $(DEMO_DIR)/artifact --runtime $$rt --chat --prompt "$(DEMO_PROMPT)" \
@@ -45,7 +47,7 @@ $(DEMO_DIR)/checkpoint/config.json: $(VENV)/.installed
 
 $(DEMO_DIR)/artifact/manifest.json: $(DEMO_DIR)/checkpoint/config.json
 	$(CLI) export $(DEMO_DIR)/checkpoint -o $(DEMO_DIR)/artifact --format aoti,onnx \
-		--max-seq-len 512 --prefill-chunk 32 --force
+		--max-seq-len 2048 --prefill-chunk 64 --force
 
 clean:
 	rm -rf build
