@@ -8,7 +8,6 @@ the config; the flat [E*F, D] expert tensors become [E, F, D] in exactly one pla
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
