@@ -279,10 +279,12 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
         try:
             conv.send(text, write=lambda piece: click.echo(piece, nl=False))
         except KeyboardInterrupt:
-            click.echo("\n(reply interrupted: this turn was dropped; the conversation before it is kept)", err=True)
+            click.echo("")
+            click.echo("(reply interrupted: this turn was dropped; the conversation before it is kept)", err=True)
             continue
         except DbrxAotError as err:
-            click.echo(f"\nerror: {err}", err=True)
+            click.echo("")
+            click.echo(f"error: {err}", err=True)
             continue
         click.echo("")
         if conv.finish_reason == "cache":

@@ -338,7 +338,8 @@ def test_quick_start_cache_holds_a_chat():
 def test_chat_first_message_too_long_says_what_to_do(artifacts):
     result = run("chat", artifacts["auto"], "--max-new-tokens", 2, input="word " * 80 + "\n/exit\n")
     assert result.exit_code == 0, result.output
-    assert "this message is" in result.stderr and "shorten it" in result.stderr and "/reset" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "this message is" in error and "shorten it" in error and "/reset" not in error
 
 
 def test_chat_later_turn_too_long_suggests_reset(artifacts):
@@ -394,8 +395,8 @@ def test_chat_cli_messages_for_ctrl_c(artifacts, monkeypatch):
 def test_chat_piped_transcript_is_readable(artifacts):
     result = run("chat", artifacts["auto"], "--max-new-tokens", 3, input="Hi there\nAgain\n")
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert lines[0] == "you> Hi there" and lines[1].startswith("dbrx> ") and lines[2] == "you> Again"
+    # Each turn on lines of its own (the random model's reply may hold newlines itself).
+    assert result.stdout.startswith("you> Hi there\ndbrx> ") and "\nyou> Again\ndbrx> " in result.stdout
 
 
 def test_quiet_and_debug_after_the_command(artifacts, tmp_path):
@@ -476,6 +477,7 @@ def test_artifacts_and_checkpoints_follow_the_umask(artifacts, tiny_checkpoint):
 def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_checkpoint, tmp_path, caplog):
     """kill -9 mid-export: the staging directory stays (nothing can clean up after SIGKILL); the
     next write of the same target removes it and says so."""
+    import os
     import signal
     import subprocess
     import sys
@@ -493,8 +495,10 @@ def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_chec
     proc.wait(timeout=30)
     (partial,) = tmp_path.glob(".art.partial-*")
     assert not out.exists()
-    alive = staging_dir(out)  # a live writer's staging directory is never touched
+    alive = tmp_path / f".art.partial-{os.getpid()}-live"  # a live writer's: never touched
+    alive.mkdir()
     with caplog.at_level("WARNING", logger="dbrx_aot"):
         assert remove_abandoned(out) == [partial]
     assert not partial.exists() and alive.exists()
     assert "left by an interrupted write" in caplog.text
+    assert staging_dir(out).name.startswith(f".art.partial-{os.getpid()}-")
