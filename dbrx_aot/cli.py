@@ -79,19 +79,22 @@ def verify_checksums() -> bool:
 @click.option("--shards", default=1, show_default=True, help="Number of safetensors shards.")
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype stored on disk.")
+@click.option("--layers", default=None, type=int, help="Only N layers at the preset's widths (a slice).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @handles_errors
-def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, force: bool) -> None:
+def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, layers: int | None,
+                          force: bool) -> None:
     """Write a random-weight DBRX checkpoint in exactly the Hugging Face hub layout.
 
     \b
     Example:
       dbrx-aot random-checkpoint build/tiny --preset tiny --seed 0 --shards 3
+      dbrx-aot random-checkpoint build/132b-2 --preset dbrx-132b --layers 2 --shards 4
     """
     from dbrx_aot.checkpoint import write_random_checkpoint
     from dbrx_aot.config import parse_dtype, preset
 
-    path = write_random_checkpoint(out, preset(preset_name), seed=seed, shards=shards, dtype=parse_dtype(dtype),
+    path = write_random_checkpoint(out, preset(preset_name, layers), seed=seed, shards=shards, dtype=parse_dtype(dtype),
                                    force=force, progress=progress_enabled())
     click.echo(str(path))
 
@@ -155,16 +158,18 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--skip-weights", is_flag=True, help="Compile only: no weights (the artifact cannot run).")
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
               help="With --skip-weights and no CHECKPOINT: compile this configuration.")
+@click.option("--layers", default=None, type=int, help="With --preset: only N layers at its widths (a slice).")
 @handles_errors
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, batch_size: int,
                max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool, skip_weights: bool,
-               preset_name: str | None) -> None:
+               preset_name: str | None, layers: int | None) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
     Examples:
       dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 256 --prefill-chunk 32
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
+      dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
     """
     from dbrx_aot.config import preset
     from dbrx_aot.export import export_artifact
@@ -174,9 +179,11 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
         raise DbrxAotError("export: give a CHECKPOINT directory, or --preset NAME with --skip-weights")
     if checkpoint is not None and preset_name is not None:
         raise DbrxAotError("export: give a CHECKPOINT or --preset, not both")
+    if layers is not None and preset_name is None:
+        raise DbrxAotError("export: --layers goes with --preset (a checkpoint's config.json fixes its layers)")
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype, batch_size=batch_size,
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
-                             skip_weights=skip_weights, config=preset(preset_name) if preset_name else None,
+                             skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))
     click.echo(str(report.path))
