@@ -77,11 +77,12 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
         return logits
 
     cache = rt.new_cache()
-    run_prefill(cache)  # warm-up (first-call work: allocations, lazy initialisation)
+    run_prefill(cache)  # warm-up (first-call work: allocations, lazy initialisation, a CUDA graph capture)
     rt.decode(prompt[:, :1], torch.full((B, 1), prompt_len), cache)
     prefill_times = []
+    # The timed runs reuse the warm-up's cache (a CUDA graph is per cache): prefill rewrites the
+    # prompt's slots, and each decode step writes its slot before any step can read it.
     for _ in range(repeats):
-        cache = rt.new_cache()
         sync(rt.device)
         start = time.perf_counter()
         logits = run_prefill(cache)
@@ -109,17 +110,34 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
     }
 
 
+def aoti_options(runtimes: list[str], cuda_graphs: bool | None, random_weights: int | None) -> dict:
+    """The aoti runtime's bench options; asking them of another runtime is an error."""
+    if random_weights is not None and runtimes != ["aoti"]:
+        raise DbrxAotError(f"--random-weights: only the aoti runtime binds random weights (asked for "
+                           f"{', '.join(runtimes)}); pass --runtime aoti")
+    if cuda_graphs is not None and "aoti" not in runtimes:
+        raise DbrxAotError("--cuda-graphs/--no-cuda-graphs: only the aoti runtime has CUDA graphs; add --runtime aoti")
+    options = {} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}
+    return options if random_weights is None else {**options, "random_weights": random_weights}
+
+
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
-          verify_checksums: bool = True, progress: bool = True) -> dict:
+          verify_checksums: bool = True, progress: bool = True, cuda_graphs: bool | None = None,
+          random_weights: int | None = None) -> dict:
     """Each runtime in turn, in this one process: load time, prefill and decode speed, memory, and
-    the fraction of the memory-bandwidth limit decode reaches."""
+    the fraction of the memory-bandwidth limit decode reaches.
+
+    ``cuda_graphs`` and ``random_weights`` are aoti options (runtimes/aoti.py); random weights let
+    a compile-only (--skip-weights) artifact at real width be measured."""
     results = {}
     bandwidth = None
+    options = aoti_options(runtimes, cuda_graphs, random_weights)
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
         gc.collect()
         base_rss = rss_gb()
         start = time.perf_counter()
-        rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums))
+        rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums),
+                          **(options if name == "aoti" else {}))
         load_s = time.perf_counter() - start
         if bandwidth is None:
             bandwidth = copy_bandwidth(rt.device)
@@ -139,6 +157,10 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
             "decode_bytes_by_part": parts,
             "decode_bandwidth_gb_s": step_bytes * result["decode_steps_per_s"] / 1e9,
             "fraction_of_bandwidth_limit": step_bytes * result["decode_steps_per_s"] / bandwidth,
+            # The step's time over its layers (embedding, final norm and lm_head included).
+            "decode_ms_per_layer": result["decode_ms_p50"] / rt.config.n_layers,
+            "cuda_graphs": getattr(rt, "cuda_graphs", False),  # an aoti attribute, not in the protocol
+            "random_weights": random_weights if name == "aoti" else None,
         })
         results[name] = result
         del rt
@@ -170,4 +192,7 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<13} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
                      f"{r['decode_ms_p50']:>8.2f} {r['decode_ms_p90']:>8.2f} {r['decode_bandwidth_gb_s']:>7.2f} "
                      f"{r['fraction_of_bandwidth_limit']:>8.1%} {r['rss_gb_after']:>7.2f} {speedup:>8}")
+    lines.append("decode ms per layer (p50 / layers): " + ", ".join(
+        f"{name} {r['decode_ms_per_layer']:.3f}{' (CUDA graphs)' if r['cuda_graphs'] else ''}"
+        for name, r in report["results"].items()))
     return "\n".join(lines)

@@ -291,15 +291,20 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
 @DEVICE_OPTION
 @click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens per row (prefill).")
 @click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="aoti decode through CUDA graphs [default: on for CUDA, off for CPU].")
+@click.option("--random-weights", default=None, type=int, metavar="SEED",
+              help="aoti only: bind random weights made on the device (compile-only artifacts at real width).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @handles_errors
 def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: int, new_tokens: int,
-              as_json: bool) -> None:
+              cuda_graphs: bool | None, random_weights: int | None, as_json: bool) -> None:
     """Prefill and decode speed of each runtime in one run, vs eager and vs the memory-bandwidth limit.
 
     \b
     Example:
       dbrx-aot bench build/small-artifact --prompt-len 128 --new-tokens 64 --json
+      dbrx-aot bench build/132b-2 --device cuda --random-weights 0 --prompt-len 512
     """
     import json
 
@@ -309,9 +314,10 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
 
     names = list(runtimes)
     if "all" in names:
-        names = ["eager"] + artifact_runtimes(Manifest.read(path).formats)
+        names = ["aoti"] if random_weights is not None else ["eager"] + artifact_runtimes(Manifest.read(path).formats)
     report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
-                   verify_checksums=verify_checksums(), progress=progress_enabled())
+                   verify_checksums=verify_checksums(), progress=progress_enabled(), cuda_graphs=cuda_graphs,
+                   random_weights=random_weights)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
