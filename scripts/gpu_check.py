@@ -81,6 +81,9 @@ TARGETS = [
 ]
 
 
+OPTIONAL_STAGES = ("tests", "bench", "slice")
+
+
 class Check:
     def __init__(self, args: argparse.Namespace):
         self.python = sys.executable
@@ -97,6 +100,9 @@ class Check:
         self.figures: dict = {}
         self.environment: dict = {}
         self.skip_install = args.skip_install
+        self.stages_chosen = set(args.stages.split(","))
+        self.reuse_exports = args.reuse_exports
+        self.site: Path | None = None  # where pip put things when this python's site-packages refused
 
     # -- running things ------------------------------------------------------------------------
 
@@ -110,6 +116,8 @@ class Check:
         """Run a command in its own process group (killed whole on timeout); (exit code, output)."""
         timeout = max(1.0, min(timeout, self.left()))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.site is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
         try:
@@ -163,23 +171,31 @@ class Check:
         return f"{env['device_name']}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}"
 
     def install_stage(self) -> str:
+        """Wheels, then this tree, into this python; where its site-packages refuse (read-only, say),
+        into --work/site instead, put ahead on PYTHONPATH for every later command."""
         done = []
-        wheels = sorted((ROOT / "build" / "wheels").glob("*.whl"))
+        wheels = [str(w) for w in sorted((ROOT / "build" / "wheels").glob("*.whl"))]
         if wheels:
-            rc, out = self.run("install wheels", [self.python, "-m", "pip", "install", "-q", "--no-index",
-                                                  "--no-deps", *map(str, wheels)], 300)
-            if rc:
-                raise StageFailed(f"pip could not install {', '.join(w.name for w in wheels)}: {last_line(out)}")
-            done.append(f"wheels {', '.join(w.name for w in wheels)}")
+            done.append(self.pip_install("wheels", ["--no-index", *wheels]))
         if self.skip_install:
             return "; ".join(done + ["project install skipped (--skip-install)"])
         if installed_from_here():
             return "; ".join(done + [f"dbrx-aot already installed from {ROOT}"])
-        rc, out = self.run("install", [self.python, "-m", "pip", "install", "-q", "--no-deps",
-                                       "--no-build-isolation", "-e", str(ROOT)], 300)
+        done.append(self.pip_install("dbrx-aot", ["--no-build-isolation", "-e", str(ROOT)],
+                                     ["--no-build-isolation", str(ROOT)]))
+        return "; ".join(done)
+
+    def pip_install(self, what: str, args: list[str], target_args: list[str] | None = None) -> str:
+        pip = [self.python, "-m", "pip", "install", "-q", "--no-deps"]
+        rc, out = self.run(f"install {what}", pip + args, 300)
+        if rc == 0:
+            return f"{what} installed into {self.python}"
+        site = self.work / "site"
+        rc, again = self.run(f"install {what} --target", pip + ["--target", str(site)] + (target_args or args), 300)
         if rc:
-            raise StageFailed(f"pip install -e {ROOT} failed: {last_line(out)}")
-        return "; ".join(done + [f"dbrx-aot installed from {ROOT} (editable, no dependencies)"])
+            raise StageFailed(f"pip could not install {what}: {last_line(out)}; with --target {site}: {last_line(again)}")
+        self.site = site
+        return f"{what} installed into {site} (on PYTHONPATH; {self.python} refused: {last_line(out)})"
 
     def imports_stage(self) -> str:
         code = ("import importlib, json, sys\nmissing = {}\n"
@@ -199,25 +215,31 @@ class Check:
                                                       for m, why in found["missing"].items()))
         return f"all {len(IMPORTS)} imports present; onnxruntime providers: {', '.join(found['onnxruntime_providers'])}"
 
-    def export_jobs(self) -> dict[str, list[list[str]]]:
-        """Background jobs: name -> commands run one after another."""
+    def export_jobs(self) -> dict[str, tuple[Path, list[list[str]]]]:
+        """Background jobs for the chosen stages: name -> (the artifact, commands run one after another)."""
         p, w, dev = self.plan, self.work, self.device
-        S, P = p.bench_shapes
-        jobs = {"bench artifact": [
-            self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
-                     "--force"),
-            self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), "--format", "aoti", "--device", dev,
-                     "--dtype", p.dtype, "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")]}
-        S, P = p.slice_shapes
-        for B in p.slice_batches:
-            jobs[f"slice batch {B}"] = [self.cli(
-                "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
-                "-o", str(w / f"slice-b{B}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
-                "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")]
+        jobs = {}
+        if "bench" in self.stages_chosen:
+            S, P = p.bench_shapes
+            jobs["bench artifact"] = (w / "bench-art", [
+                self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
+                         "--force"),
+                self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), "--format", "aoti",
+                         "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S), "--prefill-chunk", str(P),
+                         "--force")])
+        if "slice" in self.stages_chosen:
+            S, P = p.slice_shapes
+            for B in p.slice_batches:
+                jobs[f"slice batch {B}"] = (w / f"slice-b{B}", [self.cli(
+                    "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
+                    "-o", str(w / f"slice-b{B}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
+                    "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
         return jobs
 
-    def run_job(self, name: str, commands: list[list[str]]) -> tuple[bool, float, str]:
+    def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
         t = time.monotonic()
+        if self.reuse_exports and (artifact / "manifest.json").is_file():
+            return True, 0.0, "reused"
         for cmd in commands:
             rc, out = self.run(name, cmd, 480)
             if rc:
@@ -227,7 +249,7 @@ class Check:
     def exports_stage(self, futures: dict) -> str:
         results = {name: f.result() for name, f in futures.items()}
         self.figures["exports_s"] = {name: round(s, 1) for name, (_, s, _) in results.items()}
-        text = "; ".join(f"{name} {'ok' if ok else 'FAILED'} in {s:.0f} s" + ("" if ok else f" ({why})")
+        text = "; ".join(f"{name} {'FAILED' if not ok else why} in {s:.0f} s" + ("" if ok else f" ({why})")
                          for name, (ok, s, why) in results.items())
         if not all(ok for ok, _, _ in results.values()):
             raise StageFailed(text)
@@ -260,17 +282,25 @@ class Check:
         p = self.plan
         path = self.work / "bench-art"
         lengths = ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens))
-        main = self.bench("bench eager + aoti", path, "--runtime", "eager", "--runtime", "aoti", *lengths)
-        off = self.bench("bench aoti without CUDA graphs", path, "--runtime", "aoti", "--no-cuda-graphs", *lengths)
-        runs = {"eager": main["results"]["eager"], "aoti": main["results"]["aoti"],
-                "aoti_no_cuda_graphs": off["results"]["aoti"]}
+        # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
+        reports, failed = {}, []
+        for name, options in (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
+                              ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs"))):
+            try:
+                reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
+            except StageFailed as err:
+                failed.append(str(err))
+        runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
         fig = {"preset": p.bench_preset, "dtype": p.dtype, "batch_size": 1, "prompt_len": p.bench_prompt_len,
-               "new_tokens": p.bench_new_tokens, "copy_bandwidth_gb_s": main["copy_bandwidth_gb_s"],
+               "new_tokens": p.bench_new_tokens,
+               "copy_bandwidth_gb_s": max((r["copy_bandwidth_gb_s"] for r in reports.values()), default=None),
                "runs": {name: pick(r) for name, r in runs.items()}}
+        self.figures["bench"] = fig
+        if failed:
+            raise StageFailed("; ".join(failed))
         tok = {name: r["decode_tokens_per_s"] for name, r in runs.items()}
         fig["aoti_vs_eager"] = tok["aoti"] / tok["eager"]
         fig["cuda_graphs_speedup"] = tok["aoti"] / tok["aoti_no_cuda_graphs"]
-        self.figures["bench"] = fig
         return (f"decode tok/s: eager {tok['eager']:.1f}, aoti {tok['aoti']:.1f} (CUDA graphs "
                 f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
                 f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
@@ -280,13 +310,19 @@ class Check:
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
         for B in p.slice_batches:
+            args = (self.work / f"slice-b{B}", "--runtime", "aoti", "--random-weights", "0",
+                    "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
             try:
-                report = self.bench(f"slice batch {B}", self.work / f"slice-b{B}", "--runtime", "aoti",
-                                    "--random-weights", "0", "--prompt-len", str(p.slice_prompt_len),
-                                    "--new-tokens", str(p.slice_new_tokens))
+                report = self.bench(f"slice batch {B}", *args)
             except StageFailed as err:
                 failed.append(str(err))
-                continue
+                if self.device != "cuda":
+                    continue
+                try:  # the figures without CUDA graphs are still worth the minutes
+                    report = self.bench(f"slice batch {B} without CUDA graphs", *args, "--no-cuda-graphs")
+                except StageFailed as again:
+                    failed.append(str(again))
+                    continue
             r = report["results"]["aoti"]
             self.figures["slice"][f"batch{B}"] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
                                                  "prompt_len": p.slice_prompt_len, **pick(r)}
@@ -305,13 +341,17 @@ class Check:
         self.stage("install", self.install_stage)
         self.stage("imports", self.imports_stage)
         jobs = self.export_jobs()
-        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            futures = {name: pool.submit(self.run_job, name, cmds) for name, cmds in jobs.items()}
-            self.say(f"exports started in the background: {', '.join(jobs)}")
-            self.stage("tests", self.tests_stage)
-            self.stage("exports", self.exports_stage, futures)
-        self.stage("bench", self.bench_stage)
-        self.stage("slice", self.slice_stage)
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+            futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
+            if jobs:
+                self.say(f"exports started in the background: {', '.join(jobs)}")
+            if "tests" in self.stages_chosen:
+                self.stage("tests", self.tests_stage)
+            if jobs:
+                self.stage("exports", self.exports_stage, futures)
+        for name, fn in (("bench", self.bench_stage), ("slice", self.slice_stage)):
+            if name in self.stages_chosen:
+                self.stage(name, fn)
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(format_summary(summary))
@@ -374,6 +414,10 @@ def pick(result: dict) -> dict:
     return {k: result[k] for k in FIGURES if k in result}
 
 
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_summary(s: dict) -> str:
     env = s["environment"]
     lines = [f"# GPU check: {env.get('device_name', s['device'])}", "",
@@ -391,15 +435,15 @@ def format_summary(s: dict) -> str:
     if "bench" in fig:
         b = fig["bench"]
         lines += ["", f"## Bench: {b['preset']} preset, {b['dtype']}, batch 1, prompt {b['prompt_len']}, "
-                      f"{b['new_tokens']} decode steps; copy bandwidth {b['copy_bandwidth_gb_s']:.0f} GB/s", "",
+                      f"{b['new_tokens']} decode steps; copy bandwidth {number(b['copy_bandwidth_gb_s'], '.0f')} GB/s", "",
                   "| runtime | CUDA graphs | prefill tok/s | decode tok/s | p50 ms | p90 ms | of bandwidth limit |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in b["runs"].items():
             lines.append(f"| {name} | {'on' if r['cuda_graphs'] else 'off'} | {r['prefill_tokens_per_s']:.0f} | "
                          f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_p50']:.3f} | {r['decode_ms_p90']:.3f} | "
                          f"{r['fraction_of_bandwidth_limit']:.1%} |")
-        lines += ["", f"aoti vs eager decode: {b['aoti_vs_eager']:.2f}x; CUDA graphs on vs off: "
-                      f"{b['cuda_graphs_speedup']:.2f}x"]
+        lines += ["", f"aoti vs eager decode: {number(b.get('aoti_vs_eager'), '.2f')}x; CUDA graphs on vs off: "
+                      f"{number(b.get('cuda_graphs_speedup'), '.2f')}x"]
     runs = {k: v for k, v in fig.get("slice", {}).items() if k.startswith("batch")}
     if runs:
         sl = fig["slice"]
@@ -431,7 +475,15 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--skip-install", action="store_true",
                         help="do not pip install this tree (it is importable already, e.g. in a dev venv)")
-    return Check(parser.parse_args()).main()
+    parser.add_argument("--stages", default=",".join(OPTIONAL_STAGES),
+                        help="which of tests,bench,slice to run (a rerun of a part; the exports they need come along)")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="keep artifacts already in --work (a rerun on the same machine after a runtime fix)")
+    args = parser.parse_args()
+    unknown = set(args.stages.split(",")) - set(OPTIONAL_STAGES)
+    if unknown:
+        parser.error(f"--stages {args.stages}: expected some of {','.join(OPTIONAL_STAGES)}")
+    return Check(args).main()
 
 
 if __name__ == "__main__":

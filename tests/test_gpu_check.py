@@ -57,7 +57,7 @@ def test_make_gpu_check_dry_run_on_cpu(tmp_path):
 
 def make_check(tmp_path, device="cpu"):
     args = argparse.Namespace(device=device, out=str(tmp_path / "out"), work=str(tmp_path / "work"), deadline=60,
-                              skip_install=True)
+                              skip_install=True, stages="tests,bench,slice", reuse_exports=False)
     return gpu_check.Check(args)
 
 
@@ -114,6 +114,47 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
     jobs = check.export_jobs()
     plan = gpu_check.PLANS[device]
     assert list(jobs) == ["bench artifact"] + [f"slice batch {b}" for b in plan.slice_batches]
-    flat = [" ".join(cmd) for cmds in jobs.values() for cmd in cmds]
+    flat = [" ".join(cmd) for _, cmds in jobs.values() for cmd in cmds]
     assert all("--device " + device in c for c in flat if " export " in c)
     assert any(f"--preset {plan.slice_preset} --layers {plan.slice_layers} --skip-weights" in c for c in flat)
+
+
+def test_a_rerun_of_one_stage_exports_only_what_it_needs(tmp_path):
+    check = make_check(tmp_path, "cuda")
+    check.stages_chosen = {"slice"}
+    assert list(check.export_jobs()) == ["slice batch 1", "slice batch 8"]
+    check.stages_chosen = {"tests"}
+    assert check.export_jobs() == {}
+    check.reuse_exports = True
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    assert check.run_job("x", artifact, [["false"]]) == (True, 0.0, "reused")
+    check.reuse_exports = False
+    ok, _, why = check.run_job("x", artifact, [["false"]])
+    assert not ok and why.startswith("exit 1")
+
+
+def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
+    """A CUDA graph capture that fails on its first GPU must not cost the eager and no-graph figures."""
+    check = make_check(tmp_path, "cuda")
+    run = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 50.0, "decode_ms_p50": 20.0, "decode_ms_p90": 21.0,
+           "decode_ms_per_layer": 5.0, "decode_bytes_per_step": 10**9, "decode_bandwidth_gb_s": 50.0,
+           "fraction_of_bandwidth_limit": 0.02, "decode_moe": "gather", "cuda_graphs": False}
+    calls = []
+
+    def fake_bench(label, path, *options):
+        calls.append(options)
+        if "--no-cuda-graphs" not in options and "aoti" in options:
+            raise gpu_check.StageFailed(f"{label}: exit 1: operation not permitted when stream is capturing")
+        name = "eager" if "eager" in options else "aoti"
+        return {"copy_bandwidth_gb_s": 3000.0, "results": {name: run}}
+
+    check.bench = fake_bench
+    check.stage("bench", check.bench_stage)
+    assert not check.stages[0]["ok"] and "stream is capturing" in check.stages[0]["detail"]
+    assert set(check.figures["bench"]["runs"]) == {"eager", "aoti_no_cuda_graphs"} and len(calls) == 3
+    check.stage("slice", check.slice_stage)  # each batch retried without CUDA graphs, and measured
+    assert {k for k in check.figures["slice"] if k.startswith("batch")} == {"batch1", "batch8"}
+    md = gpu_check.format_summary(check.summary())
+    assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md
