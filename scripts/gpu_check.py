@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -75,7 +76,8 @@ PLANS = {
 
 # The issue's targets, on one H100/H200, bf16, batch 1 (checked on CUDA only).
 TARGETS = [
-    ("slice decode at >= 70% of the measured copy bandwidth (batch 1)", ("slice", "batch1", "fraction_of_bandwidth_limit"), 0.70),
+    ("slice decode at >= 70% of the measured copy bandwidth (batch 1)",
+     ("slice", "batch1", "fraction_of_bandwidth_limit"), 0.70),
     ("CUDA graphs >= 1.3x faster decode (small preset)", ("bench", "cuda_graphs_speedup"), 1.3),
     ("aoti bf16 decode >= 2x eager bf16 (small preset)", ("bench", "aoti_vs_eager"), 2.0),
 ]
@@ -173,12 +175,12 @@ class Check:
     def install_stage(self) -> str:
         """Wheels, then this tree, into this python; where its site-packages refuse (read-only, say),
         into --work/site instead, put ahead on PYTHONPATH for every later command."""
+        if self.skip_install:
+            return "skipped (--skip-install)"
         done = []
-        wheels = [str(w) for w in sorted((ROOT / "build" / "wheels").glob("*.whl"))]
+        wheels = [str(w) for w in sorted((ROOT / "build" / "wheels").glob("*.whl")) if not wheel_installed(w)]
         if wheels:
             done.append(self.pip_install("wheels", ["--no-index", *wheels]))
-        if self.skip_install:
-            return "; ".join(done + ["project install skipped (--skip-install)"])
         if installed_from_here():
             return "; ".join(done + [f"dbrx-aot already installed from {ROOT}"])
         done.append(self.pip_install("dbrx-aot", ["--no-build-isolation", "-e", str(ROOT)],
@@ -382,6 +384,15 @@ def installed_from_here() -> bool:
     """dbrx_aot importable by this python from this very tree (an editable install of it)."""
     spec = importlib.util.find_spec("dbrx_aot")
     return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(ROOT)
+
+
+def wheel_installed(wheel: Path) -> bool:
+    """The wheel's distribution, at the wheel's version, is what this python has already."""
+    name, version = wheel.name.split("-")[:2]
+    try:
+        return importlib.metadata.version(name) == version
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def last_line(text: str) -> str:

@@ -84,6 +84,15 @@ def test_a_command_past_the_deadline_is_killed(tmp_path):
     assert rc == -9 and "killed after" in out
 
 
+def test_a_wheel_already_installed_at_its_version_is_not_installed_again(tmp_path):
+    import importlib.metadata
+
+    have = importlib.metadata.version("click")
+    assert gpu_check.wheel_installed(tmp_path / f"click-{have}-py3-none-any.whl")
+    assert not gpu_check.wheel_installed(tmp_path / "click-0.0.1-py3-none-any.whl")
+    assert not gpu_check.wheel_installed(tmp_path / "no_such_dist-1.0-py3-none-any.whl")
+
+
 def test_junit_outcomes(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text("""<testsuites><testsuite>
