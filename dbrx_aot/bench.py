@@ -30,8 +30,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Bytes/s of a large device copy (read + write counted), best of ``repeats``."""
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a large device copy (read + write counted), best of ``repeats``. On CUDA 2 GiB (a
+    copy of ~1 ms at 3 TB/s, so the host timer and the sync are a small part of it), 512 MiB on CPU."""
+    nbytes = nbytes or (1 << 31 if device.type == "cuda" else 1 << 29)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -79,11 +81,12 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
         return logits
 
     cache = rt.new_cache()
-    run_prefill(cache)  # warm-up (first-call work: allocations, lazy initialisation)
+    run_prefill(cache)  # warm-up (first-call work: allocations, lazy initialisation, a CUDA graph capture)
     rt.decode(prompt[:, :1], torch.full((B, 1), prompt_len), cache)
     prefill_times = []
+    # The timed runs reuse the warm-up's cache (a CUDA graph is per cache): prefill rewrites the
+    # prompt's slots, and each decode step writes its slot before any step can read it.
     for _ in range(repeats):
-        cache = rt.new_cache()
         sync(rt.device)
         start = time.perf_counter()
         logits = run_prefill(cache)
@@ -111,22 +114,43 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
     }
 
 
+def aoti_options(runtimes: list[str], cuda_graphs: bool | None, random_weights: int | None) -> dict:
+    """The aoti runtime's bench options; asking them of another runtime is an error."""
+    if random_weights is not None and runtimes != ["aoti"]:
+        raise DbrxAotError(f"--random-weights: only the aoti runtime binds random weights (asked for "
+                           f"{', '.join(runtimes)}); pass --runtime aoti")
+    if cuda_graphs is not None and "aoti" not in runtimes:
+        raise DbrxAotError("--cuda-graphs/--no-cuda-graphs: only the aoti runtime has CUDA graphs; add --runtime aoti")
+    options = {} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}
+    return options if random_weights is None else {**options, "random_weights": random_weights}
+
+
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
-          verify_checksums: bool = True, progress: bool = True) -> dict:
+          verify_checksums: bool = True, progress: bool = True, cuda_graphs: bool | None = None,
+          random_weights: int | None = None) -> dict:
     """Each runtime in turn, each in a fresh process of its own (so its memory figures are its own,
     not what an earlier runtime left allocated): load time, prefill and decode speed, memory, and
     the fraction of the memory-bandwidth limit decode reaches (the bandwidth is measured here, in
-    the same run, on the same device)."""
+    the same run, on the same device).
+
+    ``cuda_graphs`` and ``random_weights`` are aoti options (runtimes/aoti.py); random weights let
+    a compile-only (--skip-weights) artifact at real width be measured."""
     for option, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
         if value < 1:
             raise DbrxAotError(f"{option} {value}: expected a positive integer")
-    bandwidth = copy_bandwidth(resolve_device(device))
+    options = aoti_options(runtimes, cuda_graphs, random_weights)
+    dev = resolve_device(device)
+    bandwidth = copy_bandwidth(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's buffers: give the device back to the runtimes' processes
     results = {}
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory, threads or CUDA state inherited
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            result = pool.submit(bench_one, path, name, device, prompt_len, new_tokens, verify_checksums).result()
+            result = pool.submit(bench_one, path, name, device, prompt_len, new_tokens, verify_checksums,
+                                 options if name == "aoti" else {}).result()
         result["fraction_of_bandwidth_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / bandwidth
+        result["random_weights"] = random_weights if name == "aoti" else None
         results[name] = result
     config_src = load_manifest_or_none(path)
     return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -134,11 +158,12 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
             "shapes": config_src, "results": results}
 
 
-def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: int, verify_checksums: bool) -> dict:
+def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: int, verify_checksums: bool,
+              options: dict) -> dict:
     """One runtime, measured in the calling process (``bench`` runs it in a process of its own)."""
     base_rss = rss_gb()
     start = time.perf_counter()
-    rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums))
+    rt = load_runtime(path, name, device=device, progress=False, **checksum_option(verify_checksums), **options)
     load_s = time.perf_counter() - start
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -157,6 +182,9 @@ def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: i
         "decode_bytes_per_step": step_bytes,
         "decode_bytes_by_part": parts,
         "decode_bandwidth_gb_s": step_bytes * result["decode_steps_per_s"] / 1e9,
+        # The step's time over its layers (embedding, final norm and lm_head included).
+        "decode_ms_per_layer": result["decode_ms_p50"] / rt.config.n_layers,
+        "cuda_graphs": getattr(rt, "cuda_graphs", False),  # an aoti attribute, not in the protocol
     })
     return result
 
@@ -184,4 +212,7 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<13} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
                      f"{r['decode_ms_p50']:>8.2f} {r['decode_ms_p90']:>8.2f} {r['decode_bandwidth_gb_s']:>7.2f} "
                      f"{r['fraction_of_bandwidth_limit']:>8.1%} {r['rss_gb_after']:>7.2f} {speedup:>8}")
+    lines.append("decode ms per layer (p50 / layers): " + ", ".join(
+        f"{name} {r['decode_ms_per_layer']:.3f}{' (CUDA graphs)' if r['cuda_graphs'] else ''}"
+        for name, r in report["results"].items()))
     return "\n".join(lines)

@@ -146,16 +146,30 @@ def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch
 
 def random_tensor(hub_key: str, shape: tuple[int, ...], config: DbrxConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """Weights at a scale where logits are peaked enough for greedy decoding to be meaningful."""
+    """Weights at a scale where logits are peaked enough for greedy decoding to be meaningful
+    (fp32, on the generator's device)."""
+    device = generator.device
     if hub_key.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
     if hub_key.endswith(".w2"):
         fan_in = config.ffn_hidden_size
     elif hub_key == "transformer.wte.weight":
         fan_in = 1
     else:
         fan_in = config.d_model
-    return torch.randn(shape, generator=generator) / fan_in ** 0.5
+    return torch.randn(shape, generator=generator, device=device) / fan_in ** 0.5
+
+
+def random_weights(config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
+                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(graph key, tensor in graph layout) of random weights made on ``device`` at the scales of
+    ``write_random_checkpoint``, one tensor at a time: for benchmarks at real width, which need the
+    shapes and not the values, without writing and reading the weights through the disk."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    graph, hub = graph_shapes(config), hub_shapes(config)
+    for hub_key, key in hub_to_graph_keys(config).items():
+        tensor = random_tensor(hub_key, hub[hub_key], config, generator)
+        yield key, to_graph_layout(tensor.to(dtype), graph[key])
 
 
 def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards: int = 1,

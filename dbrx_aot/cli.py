@@ -115,20 +115,23 @@ def verify_checksums() -> bool:
 @click.option("--shards", default=1, show_default=True, help="Number of safetensors shards.")
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype stored on disk.")
+@click.option("--layers", default=None, type=int, help="Only N layers at the preset's widths (a slice).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @common_options
 @handles_errors
-def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, force: bool) -> None:
+def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, layers: int | None,
+                          force: bool) -> None:
     """Write a random-weight DBRX checkpoint in exactly the Hugging Face hub layout.
 
     \b
     Example:
       dbrx-aot random-checkpoint build/tiny --preset tiny --seed 0 --shards 3
+      dbrx-aot random-checkpoint build/132b-2 --preset dbrx-132b --layers 2 --shards 4
     """
     from dbrx_aot.checkpoint import write_random_checkpoint
     from dbrx_aot.config import parse_dtype, preset
 
-    path = write_random_checkpoint(out, preset(preset_name), seed=seed, shards=shards, dtype=parse_dtype(dtype),
+    path = write_random_checkpoint(out, preset(preset_name, layers), seed=seed, shards=shards, dtype=parse_dtype(dtype),
                                    force=force, progress=progress_enabled())
     click.echo(str(path))
 
@@ -196,17 +199,19 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--skip-weights", is_flag=True, help="Compile only: no weights (the artifact cannot run).")
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
               help="With --skip-weights and no CHECKPOINT: compile this configuration.")
+@click.option("--layers", default=None, type=int, help="With --preset: only N layers at its widths (a slice).")
 @common_options
 @handles_errors
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, batch_size: int,
                max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool, skip_weights: bool,
-               preset_name: str | None) -> None:
+               preset_name: str | None, layers: int | None) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
     Examples:
       dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 256 --prefill-chunk 32
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
+      dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
     """
     from dbrx_aot.config import preset
     from dbrx_aot.export import export_artifact
@@ -216,9 +221,11 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
         raise DbrxAotError("export: give a CHECKPOINT directory, or --preset NAME with --skip-weights")
     if checkpoint is not None and preset_name is not None:
         raise DbrxAotError("export: give a CHECKPOINT or --preset, not both")
+    if layers is not None and preset_name is None:
+        raise DbrxAotError("export: --layers goes with --preset (a checkpoint's config.json fixes its layers)")
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype, batch_size=batch_size,
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
-                             skip_weights=skip_weights, config=preset(preset_name) if preset_name else None,
+                             skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))
     click.echo(str(report.path))
@@ -339,16 +346,21 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
 @DEVICE_OPTION
 @click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens per row (prefill).")
 @click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="aoti decode through CUDA graphs [default: on for CUDA, off for CPU].")
+@click.option("--random-weights", default=None, type=int, metavar="SEED",
+              help="aoti only: bind random weights made on the device (compile-only artifacts at real width).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @common_options
 @handles_errors
 def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: int, new_tokens: int,
-              as_json: bool) -> None:
+              cuda_graphs: bool | None, random_weights: int | None, as_json: bool) -> None:
     """Prefill and decode speed of each runtime in one run, vs eager and vs the memory-bandwidth limit.
 
     \b
     Example:
       dbrx-aot bench build/small-artifact --prompt-len 128 --new-tokens 64 --json
+      dbrx-aot bench build/132b-2 --device cuda --random-weights 0 --prompt-len 512
     """
     import json
 
@@ -358,9 +370,10 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
 
     names = list(runtimes)
     if "all" in names:
-        names = ["eager"] + artifact_runtimes(Manifest.read(path).formats)
+        names = ["aoti"] if random_weights is not None else ["eager"] + artifact_runtimes(Manifest.read(path).formats)
     report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
-                   verify_checksums=verify_checksums(), progress=progress_enabled())
+                   verify_checksums=verify_checksums(), progress=progress_enabled(), cuda_graphs=cuda_graphs,
+                   random_weights=random_weights)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
