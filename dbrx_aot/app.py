@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import MANIFEST
+from dbrx_aot.manifest import MANIFEST
 from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import Runtime, load_runtime
 from dbrx_aot.tokenizer import TextStream

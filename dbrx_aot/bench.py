@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from dbrx_aot.app import checksum_option
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks, resolve_device
+from dbrx_aot.devices import resolve_device
+from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
 
 
 def sync(device: torch.device) -> None:
@@ -190,7 +191,7 @@ def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: i
 
 
 def load_manifest_or_none(path: Path) -> dict | None:
-    from dbrx_aot.export.manifest import MANIFEST, Manifest
+    from dbrx_aot.manifest import MANIFEST, Manifest
 
     if not (Path(path) / MANIFEST).is_file():
         return None

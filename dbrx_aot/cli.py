@@ -365,7 +365,7 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
     import json
 
     from dbrx_aot.bench import bench, format_table
-    from dbrx_aot.export.manifest import Manifest
+    from dbrx_aot.manifest import Manifest
     from dbrx_aot.verify import artifact_runtimes
 
     names = list(runtimes)

@@ -199,7 +199,7 @@ def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | N
     ``runtimes=None`` means every format the artifact holds; one that cannot run here (say bf16 on
     onnxruntime's CPU provider) is skipped with the reason instead of failing the whole check.
     """
-    from dbrx_aot.export.manifest import Manifest
+    from dbrx_aot.manifest import Manifest
 
     manifest = Manifest.read(Path(path))
     explicit = runtimes is not None

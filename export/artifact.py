@@ -20,10 +20,10 @@ import dbrx_aot
 from dbrx_aot.checkpoint import checkpoint_shards, graph_shapes, hub_to_graph_keys, iter_checkpoint
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
+from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
 from dbrx_aot.model import MOE_MODES, resolve_moe_mode
-from dbrx_aot.runtimes import resolve_device
+from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
 from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ import torch
 
 from dbrx_aot.checkpoint import random_weights as make_random_weights
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import Manifest
+from dbrx_aot.manifest import Manifest
 from dbrx_aot.model import STEP_PREFIX
 from dbrx_aot.runtimes import KVCache
 from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import Manifest
-from dbrx_aot.runtimes import RuntimeBase, resolve_device
+from dbrx_aot.manifest import Manifest
+from dbrx_aot.devices import resolve_device
+from dbrx_aot.runtimes import RuntimeBase
 
 
 

@@ -10,7 +10,8 @@ from dbrx_aot.checkpoint import load_model
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
-from dbrx_aot.runtimes import KVCache, RuntimeBase, resolve_device
+from dbrx_aot.devices import resolve_device
+from dbrx_aot.runtimes import KVCache, RuntimeBase
 from dbrx_aot.tokenizer import Tokenizer
 
 
@@ -39,7 +40,7 @@ class EagerRuntime(RuntimeBase):
              prefill_chunk: int | None = None, moe: str = "auto", verify_checksums: bool = True,
              progress: bool = True) -> EagerRuntime:
         """A Hugging Face checkpoint directory, or an artifact directory (its weights/ and shapes)."""
-        from dbrx_aot.export.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
+        from dbrx_aot.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
 
         device = resolve_device(device)
         path = Path(path)
