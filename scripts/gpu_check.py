@@ -327,6 +327,7 @@ class Check:
                     continue
             r = report["results"]["aoti"]
             self.figures["slice"][f"batch{B}"] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
+                                                 "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
                                                  "prompt_len": p.slice_prompt_len, **pick(r)}
             texts.append(f"batch {B}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                          f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
@@ -417,7 +418,7 @@ def read_junit(path: Path) -> list[dict]:
 
 
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_per_layer",
-           "decode_bytes_per_step", "decode_bandwidth_gb_s", "fraction_of_bandwidth_limit", "decode_moe",
+           "decode_bytes_per_step", "decode_bandwidth_gb_s", "fraction_of_bandwidth_limit", "fraction_of_read_limit", "decode_moe",
            "cuda_graphs", "load_s", "cuda_max_allocated_gb")
 
 
@@ -461,12 +462,14 @@ def format_summary(s: dict) -> str:
         lines += ["", f"## Real-width slice: {sl['preset']}, {sl['layers']} layers, {sl['dtype']}, aoti on random "
                       "weights made on the device", "",
                   "| batch | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
-                  "of limit | prefill tok/s (prompt) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "of copy | read GB/s | of read | prefill tok/s (prompt) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in runs.items():
             lines.append(f"| {name.removeprefix('batch')} | {'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
                          f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
                          f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
+                         f"{number(r.get('read_bandwidth_gb_s'), '.0f')} | {number(r.get('fraction_of_read_limit'), '.1%')} | "
                          f"{r['prefill_tokens_per_s']:.0f} ({r['prompt_len']}) |")
     if "exports_s" in fig:
         lines += ["", "Exports (background): " + ", ".join(f"{k} {v:.0f} s" for k, v in fig["exports_s"].items())]

@@ -91,9 +91,11 @@ def test_bench_json(artifacts):
     assert set(data["results"]) == {"eager", "aoti", "onnxruntime"}
     for r in data["results"].values():
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
-        assert 0 < r["fraction_of_bandwidth_limit"] < 2
+        assert 0 < r["fraction_of_bandwidth_limit"] < 2 and 0 < r["fraction_of_read_limit"] < 2
+        assert r["fraction_of_read_limit"] == pytest.approx(
+            r["fraction_of_bandwidth_limit"] * data["copy_bandwidth_gb_s"] / data["read_bandwidth_gb_s"])
         assert r["decode_ms_p90"] >= r["decode_ms_p50"] > 0
-    assert data["copy_bandwidth_gb_s"] > 0
+    assert data["copy_bandwidth_gb_s"] > 0 and data["read_bandwidth_gb_s"] > 0
     table = run("bench", artifacts["auto"], "--runtime", "eager", "--prompt-len", 8, "--new-tokens", 2)
     assert "decode tok/s" in table.stdout
 
