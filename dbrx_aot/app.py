@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import MANIFEST
+from dbrx_aot.manifest import MANIFEST
 from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import Runtime, load_runtime
 from dbrx_aot.tokenizer import TextStream
@@ -61,9 +61,11 @@ def generate_text(path: Path, *, runtime: str, device: str, prompts: list[str], 
         if len(prompts) == 1 and token not in stops:
             write(stream.push(token))
 
+    reasons: dict[int, str] = {}
     start = time.perf_counter()
     out = generate(rt, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, on_token=on_token, progress=progress and len(prompts) > 1)
+                   seed=seed, on_token=on_token, on_finish=reasons.__setitem__,
+                   progress=progress and len(prompts) > 1)
     seconds = time.perf_counter() - start
     if len(prompts) == 1:
         write(stream.flush())
@@ -72,4 +74,12 @@ def generate_text(path: Path, *, runtime: str, device: str, prompts: list[str], 
             write(f"[{n}] " + rt.tokenizer.decode([t for t in row if t not in stops]) + "\n")
     new = sum(len(row) for row in out)
     return {"prompt_tokens": [len(i) for i in ids], "new_tokens": new, "seconds": seconds,
-            "tokens_per_s": new / seconds if seconds > 0 else float("inf"), "ids": out}
+            "tokens_per_s": new / seconds if seconds > 0 else float("inf"), "ids": out,
+            "finish_reasons": [reasons[n] for n in range(len(out))], "max_seq_len": rt.max_seq_len}
+
+
+def cache_full_note(rows: list[int], max_seq_len: int) -> str:
+    """What to tell the user when replies stopped because the cache ran out of slots."""
+    which = "the reply" if rows == [0] else "row(s) " + ", ".join(map(str, rows))
+    return (f"note: {which} stopped early: the KV cache of {max_seq_len} positions is full (prompt + reply); "
+            "export with a larger --max-seq-len for longer replies")

@@ -33,6 +33,7 @@ class Conversation:
         self.cache = self.runtime.new_cache()
         self.cached = 0            # tokens in the cache (row 0)
         self.pending: list[int] = []  # tokens chosen but not yet fed (the last reply's final token)
+        self.finish_reason: str | None = None  # why the last reply ended
 
     @property
     def tokens_used(self) -> int:
@@ -51,14 +52,22 @@ class Conversation:
     def has_reply(self) -> bool:
         return any(m["role"] == "assistant" for m in self.messages)
 
-    def send(self, user: str, write: Callable[[str], None] = lambda s: None) -> str:
-        """Feed the user's turn, generate the reply (streamed through ``write``), return its text."""
+    def send(self, user: str, write: Callable[[str], None] | None = None) -> str:
+        """Feed the user's turn, generate the reply, return its text. ``write`` receives the reply's
+        text pieces as they are generated (nothing is written without it); afterwards
+        ``finish_reason`` says why it ended: ``stop``, ``length`` (max_new_tokens) or ``cache``."""
+        write = write or (lambda piece: None)
         rt = self.runtime
         ids = self.turn_ids(user)
         room = rt.max_seq_len - self.cached
         if len(ids) + 1 > room:
-            raise DbrxAotError(f"the conversation no longer fits the cache ({self.cached} + {len(ids)} tokens of "
-                               f"{rt.max_seq_len}); /reset to start over, or export with a larger --max-seq-len")
+            if self.cached == 0:
+                raise DbrxAotError(f"this message is {len(ids)} tokens with the chat template and system prompt, "
+                                   f"and the cache holds {rt.max_seq_len} (one more is needed to reply); shorten "
+                                   "it, or export with a larger --max-seq-len")
+            raise DbrxAotError(f"the conversation no longer fits the cache ({self.cached} tokens so far + "
+                               f"{len(ids)} for this turn, of {rt.max_seq_len}); /reset to start a new "
+                               "conversation, or export with a larger --max-seq-len")
         stream = TextStream(rt.tokenizer)
         stops = set(rt.tokenizer.eos_ids)
         pieces: list[str] = []
@@ -69,7 +78,13 @@ class Conversation:
                 pieces.append(piece)
                 write(piece)
 
-        out = generate(rt, [ids], cache=self.cache, offsets=[self.cached], on_token=on_token, **self.sampling)[0]
+        # Interrupted (Ctrl-C) or failed here, the turn leaves no trace: the state below is only
+        # updated after it, and the cache slots it wrote lie past ``cached``, rewritten before any
+        # later query can read them (the model's padding rule).
+        reasons: dict[int, str] = {}
+        out = generate(rt, [ids], cache=self.cache, offsets=[self.cached], on_token=on_token,
+                       on_finish=reasons.__setitem__, **self.sampling)[0]
+        self.finish_reason = reasons[0]
         tail = stream.flush()
         pieces.append(tail)
         write(tail)

@@ -8,9 +8,7 @@ the config; the flat [E*F, D] expert tensors become [E, F, D] in exactly one pla
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +18,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import DbrxModel
+from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
 
@@ -147,16 +146,30 @@ def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch
 
 def random_tensor(hub_key: str, shape: tuple[int, ...], config: DbrxConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """Weights at a scale where logits are peaked enough for greedy decoding to be meaningful."""
+    """Weights at a scale where logits are peaked enough for greedy decoding to be meaningful
+    (fp32, on the generator's device)."""
+    device = generator.device
     if hub_key.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
     if hub_key.endswith(".w2"):
         fan_in = config.ffn_hidden_size
     elif hub_key == "transformer.wte.weight":
         fan_in = 1
     else:
         fan_in = config.d_model
-    return torch.randn(shape, generator=generator) / fan_in ** 0.5
+    return torch.randn(shape, generator=generator, device=device) / fan_in ** 0.5
+
+
+def random_weights(config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
+                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(graph key, tensor in graph layout) of random weights made on ``device`` at the scales of
+    ``write_random_checkpoint``, one tensor at a time: for benchmarks at real width, which need the
+    shapes and not the values, without writing and reading the weights through the disk."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    graph, hub = graph_shapes(config), hub_shapes(config)
+    for hub_key, key in hub_to_graph_keys(config).items():
+        tensor = random_tensor(hub_key, hub[hub_key], config, generator)
+        yield key, to_graph_layout(tensor.to(dtype), graph[key])
 
 
 def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards: int = 1,
@@ -172,8 +185,7 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
     keys = list(shapes)
     if shards > len(keys):
         raise DbrxAotError(f"--shards={shards}, expected at most {len(keys)} (the number of tensors)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         generator = torch.Generator().manual_seed(seed)
         groups = [keys[i * len(keys) // shards:(i + 1) * len(keys) // shards] for i in range(shards)]
@@ -208,15 +220,3 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing one (--force) is removed only then."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
-

@@ -16,6 +16,7 @@ import click
 from dbrx_aot.errors import DbrxAotError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class Context:
@@ -42,7 +43,7 @@ def handles_errors(fn):
             if ctx is not None and ctx.debug:
                 raise
             click.echo("error: interrupted", err=True)
-            sys.exit(EXIT_USAGE)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -59,12 +60,47 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, no_verify_checksums: bool)
     ctx.obj = Context(debug, quiet, not no_verify_checksums)
     log = logging.getLogger("dbrx_aot")  # ours only: the libraries' INFO chatter stays off
     if not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stderr))
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+        log.addHandler(TqdmHandler())
+    set_quiet(quiet)
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines written above any progress bar on screen, never into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
+def set_quiet(quiet: bool) -> None:
+    logging.getLogger("dbrx_aot").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _after_command(attr: str):
+    def callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            setattr(ctx.find_object(Context), attr, True)
+            if attr == "quiet":
+                set_quiet(True)
+    return callback
+
+
+def common_options(fn):
+    """--quiet and --debug are accepted after the command too (``dbrx-aot export ... --quiet``)."""
+    fn = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_after_command("quiet"),
+                      help="No progress bars or log lines (also accepted before the command).")(fn)
+    return click.option("--debug", is_flag=True, expose_value=False, callback=_after_command("debug"),
+                        help="Show tracebacks instead of one-line errors.")(fn)
 
 
 def progress_enabled() -> bool:
-    return not click.get_current_context().find_object(Context).quiet
+    """Progress bars: not with --quiet, and only on a terminal (piped, a bar's carriage returns run
+    into the log lines; the stage log lines still show the progress)."""
+    return not click.get_current_context().find_object(Context).quiet and sys.stderr.isatty()
 
 
 def verify_checksums() -> bool:
@@ -79,19 +115,23 @@ def verify_checksums() -> bool:
 @click.option("--shards", default=1, show_default=True, help="Number of safetensors shards.")
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype stored on disk.")
+@click.option("--layers", default=None, type=int, help="Only N layers at the preset's widths (a slice).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@common_options
 @handles_errors
-def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, force: bool) -> None:
+def random_checkpoint_cmd(out: Path, preset_name: str, seed: int, shards: int, dtype: str, layers: int | None,
+                          force: bool) -> None:
     """Write a random-weight DBRX checkpoint in exactly the Hugging Face hub layout.
 
     \b
     Example:
       dbrx-aot random-checkpoint build/tiny --preset tiny --seed 0 --shards 3
+      dbrx-aot random-checkpoint build/132b-2 --preset dbrx-132b --layers 2 --shards 4
     """
     from dbrx_aot.checkpoint import write_random_checkpoint
     from dbrx_aot.config import parse_dtype, preset
 
-    path = write_random_checkpoint(out, preset(preset_name), seed=seed, shards=shards, dtype=parse_dtype(dtype),
+    path = write_random_checkpoint(out, preset(preset_name, layers), seed=seed, shards=shards, dtype=parse_dtype(dtype),
                                    force=force, progress=progress_enabled())
     click.echo(str(path))
 
@@ -116,6 +156,7 @@ DEVICE_OPTION = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--seed", default=None, type=int)
 @click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
               help="A prompt longer than the cache: fail, or keep its last tokens.")
+@common_options
 @handles_errors
 def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...], chat: bool, system: str | None,
                  max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
@@ -128,7 +169,7 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
     Example:
       dbrx-aot generate build/artifact --runtime aoti --prompt "Hello" --max-new-tokens 32
     """
-    from dbrx_aot.app import generate_text
+    from dbrx_aot.app import cache_full_note, generate_text
 
     stats = generate_text(path, runtime=runtime, device=device, prompts=list(prompts), chat=chat, system=system,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -137,6 +178,9 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
     click.echo("")
     click.echo(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tok/s, "
                f"{runtime} on {device})", err=True)
+    full = [n for n, reason in enumerate(stats["finish_reasons"]) if reason == "cache"]
+    if full:
+        click.echo(cache_full_note(full if len(prompts) > 1 else [0], stats["max_seq_len"]), err=True)
 
 
 @cli.command("export")
@@ -155,16 +199,19 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--skip-weights", is_flag=True, help="Compile only: no weights (the artifact cannot run).")
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
               help="With --skip-weights and no CHECKPOINT: compile this configuration.")
+@click.option("--layers", default=None, type=int, help="With --preset: only N layers at its widths (a slice).")
+@common_options
 @handles_errors
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, batch_size: int,
                max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool, skip_weights: bool,
-               preset_name: str | None) -> None:
+               preset_name: str | None, layers: int | None) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
     Examples:
       dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 256 --prefill-chunk 32
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
+      dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
     """
     from dbrx_aot.config import preset
     from dbrx_aot.export import export_artifact
@@ -174,9 +221,11 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
         raise DbrxAotError("export: give a CHECKPOINT directory, or --preset NAME with --skip-weights")
     if checkpoint is not None and preset_name is not None:
         raise DbrxAotError("export: give a CHECKPOINT or --preset, not both")
+    if layers is not None and preset_name is None:
+        raise DbrxAotError("export: --layers goes with --preset (a checkpoint's config.json fixes its layers)")
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype, batch_size=batch_size,
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
-                             skip_weights=skip_weights, config=preset(preset_name) if preset_name else None,
+                             skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))
     click.echo(str(report.path))
@@ -191,6 +240,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=None, type=float)
 @click.option("--seed", default=None, type=int)
+@common_options
 @handles_errors
 def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None) -> None:
@@ -210,14 +260,20 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
                       **checksum_option(verify_checksums()))
     conv = Conversation(rt, system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed)
+    interactive = sys.stdin.isatty()
     click.echo(f"dbrx-aot chat ({runtime} on {device}, cache {rt.max_seq_len} tokens). /reset, /exit.", err=True)
     while True:
         try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+            line = input("you> " if interactive else "")
+        except EOFError:
             click.echo("", err=True)
             return
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: chat ended (/exit or Ctrl-D leave without an error)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         text = line.strip()
+        if not interactive:  # piped input is not echoed by a terminal: keep the transcript readable
+            click.echo(f"you> {line}")
         if text == "/exit":
             return
         if text == "/reset":
@@ -230,13 +286,18 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
         try:
             conv.send(text, write=lambda piece: click.echo(piece, nl=False))
         except KeyboardInterrupt:
-            click.echo("\n(interrupted; /reset to start over)", err=True)
-            conv.reset()
+            click.echo("")
+            click.echo("(reply interrupted: this turn was dropped; the conversation before it is kept)", err=True)
             continue
         except DbrxAotError as err:
-            click.echo(f"\nerror: {err}", err=True)
+            click.echo("")
+            click.echo(f"error: {err}", err=True)
             continue
-        click.echo(f"\n[{conv.tokens_used}/{rt.max_seq_len} tokens]", err=True)
+        click.echo("")
+        if conv.finish_reason == "cache":
+            click.echo(f"(the reply was cut: the cache of {rt.max_seq_len} tokens is full; /reset to start a new "
+                       "conversation, or export with a larger --max-seq-len)", err=True)
+        click.echo(f"[{conv.tokens_used}/{rt.max_seq_len} tokens]", err=True)
 
 
 @cli.command("serve")
@@ -278,6 +339,7 @@ def serve_cmd(path: Path, runtime: str, device: str, host: str, port: int, max_q
               help="A text file, one prompt per line (default: a built-in varied set).")
 @click.option("--steps", default=32, show_default=True, help="Decode steps compared after each prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@common_options
 @handles_errors
 def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file: Path | None, steps: int,
                as_json: bool) -> None:
@@ -300,10 +362,10 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
         if not prompts:
             raise DbrxAotError(f"--prompts {prompts_file}: no prompts (one per line expected)")
     names = None if "all" in runtimes else list(runtimes)
-    reports = verify(path, names, prompts, steps, device=device, verify_checksums=verify_checksums(),
-                     progress=progress_enabled())
-    click.echo(json.dumps(to_json(reports, path), indent=2) if as_json else format_table(reports))
-    if not all(r.within_tolerance for r in reports):
+    result = verify(path, names, prompts, steps, device=device, verify_checksums=verify_checksums(),
+                    progress=progress_enabled())
+    click.echo(json.dumps(to_json(result), indent=2) if as_json else format_table(result))
+    if not result.within_tolerance:
         sys.exit(1)
 
 
@@ -314,33 +376,41 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
 @DEVICE_OPTION
 @click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens per row (prefill).")
 @click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="aoti decode through CUDA graphs [default: on for CUDA, off for CPU].")
+@click.option("--random-weights", default=None, type=int, metavar="SEED",
+              help="aoti only: bind random weights made on the device (compile-only artifacts at real width).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@common_options
 @handles_errors
 def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: int, new_tokens: int,
-              as_json: bool) -> None:
+              cuda_graphs: bool | None, random_weights: int | None, as_json: bool) -> None:
     """Prefill and decode speed of each runtime in one run, vs eager and vs the memory-bandwidth limit.
 
     \b
     Example:
       dbrx-aot bench build/small-artifact --prompt-len 128 --new-tokens 64 --json
+      dbrx-aot bench build/132b-2 --device cuda --random-weights 0 --prompt-len 512
     """
     import json
 
     from dbrx_aot.bench import bench, format_table
-    from dbrx_aot.export.manifest import Manifest
+    from dbrx_aot.manifest import Manifest
     from dbrx_aot.verify import artifact_runtimes
 
     names = list(runtimes)
     if "all" in names:
-        names = ["eager"] + artifact_runtimes(Manifest.read(path).formats)
+        names = ["aoti"] if random_weights is not None else ["eager"] + artifact_runtimes(Manifest.read(path).formats)
     report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
-                   verify_checksums=verify_checksums(), progress=progress_enabled())
+                   verify_checksums=verify_checksums(), progress=progress_enabled(), cuda_graphs=cuda_graphs,
+                   random_weights=random_weights)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@common_options
 @handles_errors
 def inspect_cmd(path: Path, as_json: bool) -> None:
     """What an artifact holds, and whether this environment can load it (and if not, why).

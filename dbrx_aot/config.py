@@ -210,10 +210,16 @@ PRESETS: dict[str, DbrxConfig] = {
 }
 
 
-def preset(name: str) -> DbrxConfig:
+def preset(name: str, layers: int | None = None) -> DbrxConfig:
+    """A preset; ``layers`` keeps its widths with fewer layers (a slice of the released model)."""
     if name not in PRESETS:
         raise DbrxAotError(f"unknown preset {name!r}, expected one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    config = PRESETS[name]
+    if layers is None:
+        return config
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= config.n_layers:
+        raise DbrxAotError(f"--layers {layers}: expected 1 to {config.n_layers} (the {name} preset's layers)")
+    return dataclasses.replace(config, n_layers=layers)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -53,21 +53,31 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_ids: Sequence[int] | None = None,
              cache: KVCache | None = None, offsets: Sequence[int] | None = None,
-             on_token: Callable[[int, int], None] | None = None, progress: bool = False) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             on_finish: Callable[[int, str], None] | None = None, progress: bool = False) -> list[list[int]]:
     """Each row's new ids (a stop id that ended a row is included as its last id).
 
     stop_ids=None means the tokenizer's eos set; [] never stops early. ``cache`` and ``offsets``
     continue a conversation: row b's prompt goes to positions offsets[b]... of that cache. After
     the call the cache holds each prompt and every returned id but the last (never fed back).
-    ``on_token(row, id)`` is called as each id is chosen.
+    ``on_token(row, id)`` is called as each id is chosen; ``on_finish(row, reason)`` once per row
+    when it ends, with the reason: ``stop`` (a stop id), ``length`` (max_new_tokens) or
+    ``cache`` (the cache is full: no slot left to feed the last id).
     """
     B, S, P = runtime.batch_size, runtime.max_seq_len, runtime.prefill_chunk
     V = runtime.config.vocab_size
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     n = len(prompts)
+    if n and not all(isinstance(p, (list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1)
+                     for p in prompts):
+        raise DbrxAotError("prompts: expected a list of token-id lists, one per row (e.g. [[15339, 1917]]), "
+                           f"got {type(prompts[0]).__name__} items")
     if not 1 <= n <= B:
         raise DbrxAotError(f"{n} prompts, expected 1 to {B} (the batch size this runtime was built for)")
     offsets = list(offsets) if offsets is not None else [0] * n
+    if len(offsets) != n:
+        raise DbrxAotError(f"offsets: {len(offsets)} values for {n} prompts")
+    prompts = [[int(t) for t in p] for p in prompts]
     for row, (prompt, offset) in enumerate(zip(prompts, offsets)):
         if len(prompt) == 0:
             raise DbrxAotError(f"prompt {row} is empty, expected at least one token")
@@ -109,8 +119,12 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
             out[b].append(ids[b])
             if on_token is not None:
                 on_token(b, ids[b])
-            if ids[b] in stop or pos[b] >= S:  # stopped, or no cache slot left to feed it
+            reason = ("stop" if ids[b] in stop else "cache" if pos[b] >= S  # no cache slot left to feed it
+                      else "length" if step == max_new_tokens - 1 else None)
+            if reason is not None:
                 done[b] = True
+                if on_finish is not None:
+                    on_finish(b, reason)
         bar.update()
         if all(done) or step == max_new_tokens - 1:
             break

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dbrx_aot.export.manifest import Manifest
+from dbrx_aot.manifest import Manifest
 
 
 def loadability(manifest: Manifest, root: Path) -> dict[str, str | None]:

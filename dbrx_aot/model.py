@@ -75,7 +75,8 @@ class Attention(nn.Module):
         qkv = self.Wqkv(x)                                              # [B, T, D + 2*K*hd]
         if c.clip_qkv is not None:
             qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
-        q, k, v = qkv.split([c.d_model, K * hd, K * hd], dim=-1)
+        # Slices, not split(): ONNX's SplitToSequence has no bf16 kernel type (Slice has).
+        q, k, v = qkv[..., :c.d_model], qkv[..., c.d_model:c.d_model + K * hd], qkv[..., c.d_model + K * hd:]
         q = q.view(B, T, H, hd).transpose(1, 2)                         # [B, H, T, hd]
         k = k.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
         v = v.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]

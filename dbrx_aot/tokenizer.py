@@ -45,30 +45,46 @@ def _encoding() -> tiktoken.Encoding:
     )
 
 
+@lru_cache(maxsize=1)
+def _known_ids() -> frozenset[int]:
+    """Every id the tokenizer can decode: the BPE ranks and the special tokens."""
+    return frozenset(_encoding()._mergeable_ranks.values()) | frozenset(SPECIAL_TOKENS.values())
+
+
+def unknown_token(token: int) -> bytes:
+    return f"<|unknown:{token}|>".encode()
+
+
 class Tokenizer:
     """encode/decode and the chat template. ``n_vocab`` ids < 100280; the model's vocab is padded."""
 
-    def __init__(self, chat_template: str = CHAT_TEMPLATE):
+    def __init__(self, chat_template: str = CHAT_TEMPLATE, eos_ids: tuple[int, ...] = EOS_IDS, pad_id: int = PAD_ID,
+                 bos_id: int = BOS_ID):
         self.encoding = _encoding()
         self.chat_template = chat_template
-        self.eos_ids = EOS_IDS
-        self.pad_id = PAD_ID
-        self.bos_id = BOS_ID
+        self.eos_ids = tuple(eos_ids)
+        self.pad_id = pad_id
+        self.bos_id = bos_id
         self._template = _compile_template(chat_template)
+        self._known_ids = _known_ids()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Tokenizer:
-        """The checkpoint's tokenizer_config.json chat template when present, else the released one."""
-        config = Path(path) / "tokenizer_config.json"
-        if not config.is_file():
-            return cls()
-        try:
-            template = json.loads(config.read_text()).get("chat_template")
-        except json.JSONDecodeError as err:
-            raise DbrxAotError(f"{config}: invalid JSON ({err})") from None
+        """The checkpoint's chat template (tokenizer_config.json) and its eos / pad / bos ids
+        (generation_config.json), each where present, else the released dbrx-instruct ones."""
+        template = _read_json(Path(path) / "tokenizer_config.json").get("chat_template")
         if template is not None and not isinstance(template, str):
-            raise DbrxAotError(f"{config}: chat_template must be a string")
-        return cls(template or CHAT_TEMPLATE)
+            raise DbrxAotError(f"{Path(path) / 'tokenizer_config.json'}: chat_template must be a string")
+        generation = Path(path) / "generation_config.json"
+        ids = _read_json(generation)
+        eos = ids.get("eos_token_id") or list(EOS_IDS)
+        eos = eos if isinstance(eos, list) else [eos]
+        pad = PAD_ID if ids.get("pad_token_id") is None else ids["pad_token_id"]
+        bos = BOS_ID if ids.get("bos_token_id") is None else ids["bos_token_id"]
+        for key, value in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad), ("bos_token_id", bos)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DbrxAotError(f"{generation}: {key}={value!r}, expected a token id (a list of them for eos)")
+        return cls(template or CHAT_TEMPLATE, eos_ids=tuple(eos), pad_id=pad, bos_id=bos)
 
     @property
     def n_vocab(self) -> int:
@@ -83,10 +99,24 @@ class Tokenizer:
         return self.encoding.encode(text, allowed_special="all")
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        return self.encoding.decode_bytes([i for i in ids if i < self.n_vocab])
+        """Never raises on an id the model can emit: ids with no token (the gaps of cl100k_base,
+        100256 and 100261-100275, and the padded rows of the model's vocabulary, >= 100280) are
+        rendered visibly as ``<|unknown:ID|>``."""
+        known = self._known_ids
+        if all(i in known for i in ids):
+            return self.encoding.decode_bytes(ids)
+        out, run = [], []
+        for i in ids:
+            if i in known:
+                run.append(i)
+                continue
+            out.append(self.encoding.decode_bytes(run))
+            out.append(unknown_token(i))
+            run = []
+        out.append(self.encoding.decode_bytes(run))
+        return b"".join(out)
 
     def decode(self, ids: list[int]) -> str:
-        """Ids past the tokenizer (the model's padded vocabulary rows) decode to nothing."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -100,6 +130,19 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode_with_specials(self.render_chat(messages, add_generation_prompt))
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DbrxAotError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DbrxAotError(f"{path}: expected a JSON object")
+    return data
 
 
 def _compile_template(source: str) -> jinja2.Template:

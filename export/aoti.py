@@ -13,7 +13,7 @@ import torch
 import torch._inductor
 
 from dbrx_aot.model import DbrxModel, replace_linear_with_rowdot
-from dbrx_aot.export.trace import GraphSpec, export_program
+from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
 
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,  # weights live once, in weights/
@@ -32,7 +32,7 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
         model = replace_linear_with_rowdot(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), torch_deprecations_hidden():
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(out),
                                                         inductor_configs=INDUCTOR_CONFIGS)
     return Path(path)

@@ -11,21 +11,21 @@ import errno
 import logging
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import dbrx_aot
-from dbrx_aot.checkpoint import checkpoint_shards, graph_shapes, hub_to_graph_keys, iter_checkpoint, replace_dir
+from dbrx_aot.checkpoint import checkpoint_shards, graph_shapes, hub_to_graph_keys, iter_checkpoint
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
+from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
 from dbrx_aot.model import MOE_MODES, resolve_moe_mode
-from dbrx_aot.runtimes import resolve_device
+from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
+from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.tokenizer import Tokenizer
 
 log = logging.getLogger("dbrx_aot.export")
@@ -77,8 +77,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         raise DbrxAotError("export: give a CHECKPOINT directory (or --preset with --skip-weights)")
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
-    max_seq_len = max_seq_len or min(config.max_seq_len, 4096)
-    prefill_chunk = prefill_chunk or min(max_seq_len, 64)
+    max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
+    prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
     check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
     if moe not in MOE_MODES:
         raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
@@ -87,8 +87,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, config)),
              "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, config))}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out)
     timings: dict[str, dict] = {}
     stages = 2 + (not skip_weights) + len(GRAPHS) * len(formats)
     bar = tqdm(total=stages, desc="export", unit="stage", disable=not progress)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import WEIGHTS_DIR
+from dbrx_aot.manifest import WEIGHTS_DIR
 from dbrx_aot.export.trace import GraphSpec, example_inputs
 from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep
 from dbrx_aot.safetensors_io import byte_ranges

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,9 +85,20 @@ def io_description(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq
     return {"inputs": inputs, "outputs": outputs, "moe": spec.moe, "tokens_per_call": T}
 
 
+@contextmanager
+def torch_deprecations_hidden():
+    """torch's own pytree deprecation warning, raised inside torch.export / AOTInductor (not the
+    user's business: it printed twice per export, even with --quiet)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def export_program(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int,
                    functional: bool = False) -> torch.export.ExportedProgram:
     param = next(model.parameters())
     step = (FunctionalStep if functional else CachedStep)(model, spec.moe)
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
-    return torch.export.export(step, args, strict=False)
+    with torch_deprecations_hidden():
+        return torch.export.export(step, args, strict=False)

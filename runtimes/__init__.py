@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -144,24 +145,6 @@ class RuntimeBase:
         return torch.cat(out, dim=1)[:, :T]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DbrxAotError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DbrxAotError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                               f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DbrxAotError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if dev.index is None:  # tensors report cuda:N; compare like with like
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise DbrxAotError(f"--device {device}: expected cpu or cuda")
-    return dev
-
-
 def runtime_names() -> list[str]:
     return list(BUILTIN) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN]
 
@@ -182,4 +165,12 @@ def load_runtime(path: str | Path, runtime: str = "eager", device: str | torch.d
     path = Path(path)
     if not path.exists():
         raise DbrxAotError(f"{path}: no such file or directory")
-    return runtime_class(runtime).load(path, device=device, **options)
+    cls = runtime_class(runtime)
+    accepted = inspect.signature(cls.load).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            names = [n for n in accepted if n not in ("path", "device")]
+            raise DbrxAotError(f"{runtime} runtime: unknown option {unknown[0]!r}, expected one of "
+                               f"{', '.join(names)}")
+    return cls.load(path, device=device, **options)

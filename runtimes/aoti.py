@@ -4,6 +4,10 @@ The manifest is checked first (format, torch version, device, files and checksum
 weights are read once onto the device and bound to both packages as user-managed constants
 (the packages keep pointers, no copies). A package compiled without its constants must never
 run before they are bound (it would crash), so binding happens in ``load``, always.
+
+On CUDA, decode replays a captured CUDA graph per KV cache (runtimes/cuda_graphs.py) unless
+``cuda_graphs=False``. ``random_weights=SEED`` binds random weights made on the device instead of
+reading weights/ (benchmarks of compile-only artifacts: speed does not depend on the values).
 """
 
 from __future__ import annotations
@@ -12,19 +16,29 @@ from pathlib import Path
 
 import torch
 
+from dbrx_aot.checkpoint import random_weights as make_random_weights
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import Manifest
+from dbrx_aot.manifest import Manifest
 from dbrx_aot.model import STEP_PREFIX
 from dbrx_aot.runtimes import KVCache
 from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files
+from dbrx_aot.runtimes.cuda_graphs import DecodeGraphs
+
 
 class AotiRuntime(ArtifactRuntime):
     name = "aoti"
 
     @classmethod
-    def load(cls, path: Path, device="cpu", verify_checksums: bool = True, progress: bool = True) -> AotiRuntime:
+    def load(cls, path: Path, device="cpu", verify_checksums: bool = True, progress: bool = True,
+             cuda_graphs: bool | None = None, random_weights: int | None = None) -> AotiRuntime:
+        """``cuda_graphs``: None is on for CUDA and off for CPU; True on CPU is an error."""
         path = Path(path)
-        manifest, dev = open_artifact(path, "aoti", device)
+        manifest, dev = open_artifact(path, "aoti", device, need_weights=random_weights is None)
+        if cuda_graphs is None:
+            cuda_graphs = dev.type == "cuda"
+        elif cuda_graphs and dev.type != "cuda":
+            raise DbrxAotError(f"cuda_graphs=True: CUDA graphs need a CUDA device, this runtime is on {dev} "
+                               "(leave the option unset, or pass False)")
         built = manifest.versions.get("torch")
         if built != torch.__version__:
             raise DbrxAotError(f"{path}: AOTInductor packages built by torch {built}, this is torch "
@@ -33,20 +47,32 @@ class AotiRuntime(ArtifactRuntime):
         if manifest.device != dev.type:
             raise DbrxAotError(f"{path}: compiled for {manifest.device}, asked to run on {dev.type} "
                                f"(re-export with --device {dev.type})")
-        verify_artifact_files(manifest, path, "aoti", verify_checksums, progress)
-        return cls(path, manifest, dev, progress)
+        verify_artifact_files(manifest, path, "aoti", verify_checksums, progress,
+                              weights=random_weights is None)
+        return cls(path, manifest, dev, progress, cuda_graphs=cuda_graphs, random_weights=random_weights)
 
-    def __init__(self, path: Path, manifest: Manifest, device: torch.device, progress: bool = True):
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device, progress: bool = True,
+                 cuda_graphs: bool = False, random_weights: int | None = None):
         super().__init__(path, manifest, device)
         # One copy of the weights, on the device, shared by both packages.
-        self.weights = {name: tensor.to(device) for name, tensor in manifest.iter_weights(path, progress=progress)}
+        if random_weights is None:
+            weights = manifest.iter_weights(path, progress=progress)
+        else:
+            weights = make_random_weights(self.config, self.dtype, device, seed=random_weights)
+        self.weights = {name: tensor.to(device) for name, tensor in weights}
         self._prefill = self._load_package("prefill")
-        self._decode = self._load_package("decode")
+        # A graph capture needs the package to run on the caller's stream without its own threading.
+        self._decode = self._load_package("decode", run_single_threaded=cuda_graphs)
+        self.decode_graphs = DecodeGraphs(self._decode) if cuda_graphs else None
 
-    def _load_package(self, graph: str):
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.decode_graphs is not None
+
+    def _load_package(self, graph: str, run_single_threaded: bool = False):
         package = self.path / self.manifest.graphs[graph]["aoti"]
         try:
-            runner = torch._inductor.aoti_load_package(str(package))
+            runner = torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded)
         except Exception as err:  # the loader raises RuntimeError and friends with C++ messages
             raise DbrxAotError(f"{package}: AOTInductor could not load it ({str(err).splitlines()[0]})") from None
         fqns = runner.get_constant_fqns()
@@ -58,5 +84,8 @@ class AotiRuntime(ArtifactRuntime):
         return runner
 
     def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        runner = self._prefill if graph == "prefill" else self._decode
-        return runner(tokens, positions, cache.k, cache.v)
+        if graph == "prefill":
+            return self._prefill(tokens, positions, cache.k, cache.v)
+        if self.decode_graphs is not None:
+            return self.decode_graphs(tokens, positions, cache)
+        return self._decode(tokens, positions, cache.k, cache.v)

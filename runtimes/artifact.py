@@ -8,28 +8,31 @@ from pathlib import Path
 import torch
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import Manifest
-from dbrx_aot.runtimes import RuntimeBase, resolve_device
+from dbrx_aot.manifest import Manifest
+from dbrx_aot.devices import resolve_device
+from dbrx_aot.runtimes import RuntimeBase
 
 
 
-def open_artifact(path: Path, fmt: str, device) -> tuple[Manifest, torch.device]:
-    """The manifest (checked), and the device: the format is there, and weights."""
+def open_artifact(path: Path, fmt: str, device, need_weights: bool = True) -> tuple[Manifest, torch.device]:
+    """The manifest (checked), and the device: the format is there, and weights (if needed)."""
     manifest = Manifest.read(path)
     dev = resolve_device(device)
     if fmt not in manifest.formats:
         raise DbrxAotError(f"{path}: holds {', '.join(manifest.formats)}, not {fmt} (re-export with "
                            f"--format {fmt})")
-    if not manifest.weights:
+    if need_weights and not manifest.weights:
         raise DbrxAotError(f"{path}: exported with --skip-weights (compile-only); it has no weights to run")
     return manifest, dev
 
 
-def verify_artifact_files(manifest: Manifest, path: Path, fmt: str, checksums: bool, progress: bool) -> None:
-    """The two graphs of ``fmt`` and the weights: present, the right size, and (unless disabled) sha256."""
+def verify_artifact_files(manifest: Manifest, path: Path, fmt: str, checksums: bool, progress: bool,
+                          weights: bool = True) -> None:
+    """The two graphs of ``fmt`` and (if ``weights``) the weights: present, the right size, and
+    (unless disabled) sha256."""
     graphs = [manifest.graphs[g][fmt] for g in ("prefill", "decode")]
-    weights = sorted({f"weights/{f}" for f in manifest.weights.values()})
-    manifest.verify_files(path, graphs + weights, checksums=checksums, progress=progress)
+    files = sorted({f"weights/{f}" for f in manifest.weights.values()}) if weights else []
+    manifest.verify_files(path, graphs + files, checksums=checksums, progress=progress)
 
 
 class ArtifactRuntime(RuntimeBase):

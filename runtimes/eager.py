@@ -10,7 +10,8 @@ from dbrx_aot.checkpoint import load_model
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
-from dbrx_aot.runtimes import KVCache, RuntimeBase, resolve_device
+from dbrx_aot.devices import resolve_device
+from dbrx_aot.runtimes import KVCache, RuntimeBase
 from dbrx_aot.tokenizer import Tokenizer
 
 
@@ -39,7 +40,7 @@ class EagerRuntime(RuntimeBase):
              prefill_chunk: int | None = None, moe: str = "auto", verify_checksums: bool = True,
              progress: bool = True) -> EagerRuntime:
         """A Hugging Face checkpoint directory, or an artifact directory (its weights/ and shapes)."""
-        from dbrx_aot.export.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
+        from dbrx_aot.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
 
         device = resolve_device(device)
         path = Path(path)
@@ -56,8 +57,9 @@ class EagerRuntime(RuntimeBase):
                        max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe)
         config = DbrxConfig.from_file(path)
         dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        max_seq_len = max_seq_len or min(config.max_seq_len, 4096)
-        prefill_chunk = prefill_chunk or min(max_seq_len, 64)
+        max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
+        prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
+        check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)  # before reading any weight
         model = load_model(path, config, dtype, device, progress=progress)
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe)

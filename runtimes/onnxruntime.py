@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.export.manifest import Manifest
+from dbrx_aot.manifest import Manifest
 from dbrx_aot.model import write_cache_
 from dbrx_aot.runtimes import KVCache
 from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files

@@ -88,3 +88,14 @@ def copy_artifact(src: Path, dst: Path) -> Path:
     import shutil
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def half_artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny preset exported in bf16 and in fp16, both formats (the released weights are bf16)."""
+    from dbrx_aot.export import export_artifact
+
+    root = tmp_path_factory.mktemp("half")
+    return {dtype: export_artifact(tiny_checkpoint, root / dtype, formats=ARTIFACT_FORMATS, dtype=dtype,
+                                   batch_size=1, max_seq_len=64, prefill_chunk=8, progress=False).path
+            for dtype in ("bfloat16", "float16")}

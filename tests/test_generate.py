@@ -109,8 +109,10 @@ def test_rows_stop_independently():
 
 def test_cache_end_stops_generation():
     rt = FakeRuntime(batch_size=1, max_seq_len=8, prefill_chunk=4)
-    out = generate(rt, [[1, 2, 3, 4, 5]], max_new_tokens=10, stop_ids=[])
+    reasons = {}
+    out = generate(rt, [[1, 2, 3, 4, 5]], max_new_tokens=10, stop_ids=[], on_finish=reasons.__setitem__)
     assert len(out[0]) == 4  # positions 5, 6, 7 fed; the 4th new token has no slot left
+    assert reasons == {0: "cache"}
     with pytest.raises(DbrxAotError, match="do not fit the cache"):
         generate(rt, [list(range(9))], max_new_tokens=1)
 
@@ -148,6 +150,7 @@ def test_on_token_streams_in_order():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompts=[[1]] * 3), "3 prompts, expected 1 to 2"),
+    (dict(prompts=[1, 2, 3]), "expected a list of token-id lists"),
     (dict(prompts=[[]]), "prompt 0 is empty"),
     (dict(prompts=[[V]]), "outside"),
     (dict(temperature=-1), "--temperature"),
@@ -160,3 +163,12 @@ def test_bad_arguments(kwargs, message):
     args.update(kwargs)
     with pytest.raises(DbrxAotError, match=message):
         generate(FakeRuntime(), args.pop("prompts"), **args)
+
+
+def test_finish_reasons():
+    prompts = [[3], [2]]
+    full = [expected_greedy(p, 8) for p in prompts]
+    stop = full[0][2]
+    reasons = {}
+    generate(FakeRuntime(), prompts, max_new_tokens=8, stop_ids=[stop], on_finish=reasons.__setitem__)
+    assert reasons == {0: "stop", 1: "length"}

@@ -13,6 +13,7 @@ import tiktoken.load
 import tiktoken_ext
 from tiktoken_ext import openai_public
 
+from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 SHARED_TEMPLATE = Path(__file__).resolve().parents[1].parent / "shared" / "dbrx" / "chat_template.jinja"
@@ -64,7 +65,7 @@ def test_known_ids_and_specials():
     assert not set(plain) & {100257, 100277, 100278, 100279}
     assert tok.eos_ids == (100257, 100279) and tok.pad_id == 100277 and tok.bos_id == 100257
     assert tok.n_vocab == 100280
-    assert tok.decode([15339, 100300]) == "hello"  # padded-vocabulary rows decode to nothing
+    assert tok.decode([15339, 100300]) == "hello<|unknown:100300|>"  # padded-vocabulary rows: visible
 
 
 def test_template_is_the_released_one_byte_exact():
@@ -115,3 +116,29 @@ def test_text_stream_holds_back_partial_utf8():
     pieces = [stream.push(t) for t in tok.encode(text)] + [stream.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_every_id_of_the_model_vocabulary_streams_without_error():
+    """A real DBRX can sample any of its 100352 ids, including the gaps of cl100k_base and the
+    padded rows: the streaming decoder renders them visibly and never raises."""
+    from dbrx_aot.config import preset
+    from dbrx_aot.tokenizer import TextStream
+    tok = Tokenizer()
+    stream = TextStream(tok)
+    text = "".join(stream.push(t) for t in range(preset("dbrx-132b").vocab_size)) + stream.flush()
+    for gap in (100256, 100261, 100275, 100280, 100351):
+        assert f"<|unknown:{gap}|>" in text
+    assert "<|im_end|>" in text and "<|unknown:100279|>" not in text
+    assert tok.decode([15339, 100256, 1917, 100300]) == "hello<|unknown:100256|> world<|unknown:100300|>"
+
+
+def test_generation_config_eos_ids_are_used(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 100279, "pad_token_id": None}))
+    tok = Tokenizer.from_checkpoint(tmp_path)
+    assert tok.eos_ids == (100279,) and tok.pad_id == 100277
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6], "bos_token_id": 7}))
+    tok = Tokenizer.from_checkpoint(tmp_path)
+    assert tok.eos_ids == (5, 6) and tok.bos_id == 7
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(DbrxAotError, match="generation_config.json: eos_token_id='x'"):
+        Tokenizer.from_checkpoint(tmp_path)

@@ -91,9 +91,11 @@ def test_bench_json(artifacts):
     assert set(data["results"]) == {"eager", "aoti", "onnxruntime"}
     for r in data["results"].values():
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
-        assert 0 < r["fraction_of_bandwidth_limit"] < 2
+        assert 0 < r["fraction_of_bandwidth_limit"] < 2 and 0 < r["fraction_of_read_limit"] < 2
+        assert r["fraction_of_read_limit"] == pytest.approx(
+            r["fraction_of_bandwidth_limit"] * data["copy_bandwidth_gb_s"] / data["read_bandwidth_gb_s"])
         assert r["decode_ms_p90"] >= r["decode_ms_p50"] > 0
-    assert data["copy_bandwidth_gb_s"] > 0
+    assert data["copy_bandwidth_gb_s"] > 0 and data["read_bandwidth_gb_s"] > 0
     table = run("bench", artifacts["auto"], "--runtime", "eager", "--prompt-len", 8, "--new-tokens", 2)
     assert "decode tok/s" in table.stdout
 
@@ -144,13 +146,6 @@ def test_chat_keeps_the_cache_between_turns(artifacts):
 
 def generate_ids(rt, ids):
     return dbrx_aot.generate(rt, [ids], max_new_tokens=5)[0]
-
-
-def test_chat_cache_full_message(artifacts):
-    rt = dbrx_aot.load_runtime(artifacts["auto"], "eager", progress=False)
-    conv = Conversation(rt, "x", max_new_tokens=2)
-    with pytest.raises(dbrx_aot.DbrxAotError, match="no longer fits the cache .* /reset"):
-        conv.send("word " * 80)
 
 
 # -- hard edges: one line, exit code 2, nothing left behind -----------------------------------
@@ -283,10 +278,229 @@ def test_edge_ctrl_c_during_export(ckpt, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(aoti, "compile_package", interrupted)
-    one_line_error(export(ckpt, tmp_path / "out"), "interrupted")
+    result = export(ckpt, tmp_path / "out")
+    assert result.exit_code == 130 and result.output.strip() == "error: interrupted", result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_every_command_has_an_example():
     for name, command in cli.commands.items():
         assert "Example" in (command.help or ""), name
+
+
+# -- what a new user hit (issue 8) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--max-seq-len", 0), "--max-seq-len 0: expected a positive integer"),
+    (("--prefill-chunk", 0), "--prefill-chunk 0: expected a positive integer"),
+])
+def test_edge_zero_shapes_refused(ckpt, tmp_path, args, fragment):
+    result = run("export", ckpt, "-o", tmp_path / "out", *args)
+    one_line_error(result, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("option", ["--prompt-len", "--new-tokens"])
+def test_edge_bench_zero_lengths(artifacts, option):
+    one_line_error(run("bench", artifacts["auto"], option, 0), f"{option} 0: expected a positive integer")
+
+
+def test_bench_runs_each_runtime_in_its_own_process(artifacts):
+    """So each runtime's RSS is its own, not what the runtimes before it left allocated."""
+    import os
+
+    data = json.loads(run("bench", artifacts["auto"], "--runtime", "eager", "--runtime", "aoti", "--prompt-len", 4,
+                          "--new-tokens", 2, "--json").stdout)
+    pids = {r["pid"] for r in data["results"].values()}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(0 < r["rss_gb_after"] <= r["rss_gb_peak"] + 0.01 for r in data["results"].values())
+
+
+def test_generate_says_when_the_cache_is_full(artifacts):
+    result = run("generate", artifacts["auto"], "--runtime", "aoti", "--prompt", "Hello", "--max-new-tokens", 100)
+    assert result.exit_code == 0, result.output
+    assert "KV cache of 64 positions is full" in result.stderr and "--max-seq-len" in result.stderr
+    short = run("generate", artifacts["auto"], "--prompt", "Hello", "--max-new-tokens", 4)
+    assert "full" not in short.stderr
+
+
+def test_quick_start_cache_holds_a_chat():
+    """The README's Quick start export leaves room for DBRX's default system prompt and a reply."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    size = int(re.search(r"--max-seq-len (\d+)", quick).group(1))
+    turn = dbrx_aot.Tokenizer().encode_chat([{"role": "user", "content": "What is DBRX?"}])
+    assert size >= len(turn) + 2 * 256  # two turns of a 256-token reply
+
+
+def test_chat_first_message_too_long_says_what_to_do(artifacts):
+    result = run("chat", artifacts["auto"], "--max-new-tokens", 2, input="word " * 80 + "\n/exit\n")
+    assert result.exit_code == 0, result.output
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "this message is" in error and "shorten it" in error and "/reset" not in error
+
+
+def test_chat_later_turn_too_long_suggests_reset(artifacts):
+    rt = dbrx_aot.load_runtime(artifacts["auto"], "eager", progress=False)
+    conv = Conversation(rt, "x", max_new_tokens=2)
+    conv.send("Hi")
+    with pytest.raises(dbrx_aot.DbrxAotError, match="no longer fits the cache .* /reset to start a new"):
+        conv.send("word " * 40)
+
+
+def test_chat_reply_interrupted_keeps_the_conversation(artifacts):
+    """Ctrl-C mid-reply drops that turn only: the next turn answers as if it never happened."""
+    rt = dbrx_aot.load_runtime(artifacts["auto"], "eager", progress=False)
+    conv = Conversation(rt, "Be brief.", max_new_tokens=6)
+    conv.send("Hi")
+    state = (conv.cached, list(conv.pending), list(conv.messages))
+
+    def ctrl_c(piece):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("Something long to interrupt", write=ctrl_c)
+    assert (conv.cached, conv.pending, conv.messages) == state
+    reference = Conversation(rt, "Be brief.", max_new_tokens=6)
+    reference.send("Hi")
+    assert conv.send("More") == reference.send("More")
+
+
+def test_chat_cli_messages_for_ctrl_c(artifacts, monkeypatch):
+    import builtins
+
+    from dbrx_aot.chat import Conversation as Conv
+
+    def send(self, text, write=None):
+        if text == "Hi":
+            raise KeyboardInterrupt
+        return "ok"
+
+    monkeypatch.setattr(Conv, "send", send)
+    result = run("chat", artifacts["auto"], input="Hi\nAgain\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "reply interrupted: this turn was dropped; the conversation before it is kept" in result.stderr
+    assert "/reset to start over" not in result.stderr
+
+    def ctrl_c(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", ctrl_c)
+    result = run("chat", artifacts["auto"])
+    assert result.exit_code == 130 and "interrupted: chat ended" in result.stderr
+
+
+def test_chat_piped_transcript_is_readable(artifacts):
+    result = run("chat", artifacts["auto"], "--max-new-tokens", 3, input="Hi there\nAgain\n")
+    assert result.exit_code == 0, result.output
+    # Each turn on lines of its own (the random model's reply may hold newlines itself).
+    assert result.stdout.startswith("you> Hi there\ndbrx> ") and "\nyou> Again\ndbrx> " in result.stdout
+
+
+def test_quiet_and_debug_after_the_command(artifacts, tmp_path):
+    import logging
+
+    result = CliRunner().invoke(cli, ["random-checkpoint", str(tmp_path / "c"), "--quiet"])
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    assert logging.getLogger("dbrx_aot").level == logging.WARNING
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "nope"), "--prompt", "x", "--debug"])
+    assert isinstance(result.exception, dbrx_aot.DbrxAotError)  # --debug: the exception, not one line
+
+
+def test_no_progress_bar_carriage_returns_when_not_a_terminal(tmp_path):
+    result = CliRunner().invoke(cli, ["random-checkpoint", str(tmp_path / "c")])
+    assert result.exit_code == 0 and "\r" not in result.stderr
+
+
+def test_load_runtime_unknown_option_is_a_user_error(artifacts):
+    with pytest.raises(dbrx_aot.DbrxAotError, match="aoti runtime: unknown option 'threads', expected one of"):
+        dbrx_aot.load_runtime(artifacts["auto"], runtime="aoti", threads=1)
+
+
+def test_checkpoint_generation_config_eos_reaches_the_runtime(ckpt, tmp_path):
+    edit_json(ckpt / "generation_config.json", eos_token_id=[100279])
+    rt = dbrx_aot.load_runtime(ckpt, "eager", progress=False)
+    assert rt.tokenizer.eos_ids == (100279,)
+
+
+def test_artifact_manifest_eos_reaches_the_runtime(artifacts, tmp_path):
+    art = copy_artifact(artifacts["auto"], tmp_path / "a")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["tokenizer"]["eos_ids"] = [100279]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    for runtime in ("eager", "aoti"):
+        assert dbrx_aot.load_runtime(art, runtime, progress=False).tokenizer.eos_ids == (100279,)
+
+
+def test_conversation_send_writes_only_through_write(artifacts, capsys):
+    import inspect
+
+    rt = dbrx_aot.load_runtime(artifacts["auto"], "eager", progress=False)
+    assert inspect.signature(Conversation.send).parameters["write"].default is None
+    pieces = []
+    reply = Conversation(rt, "x", max_new_tokens=3).send("Hi", write=pieces.append)
+    assert "".join(pieces) == reply and capsys.readouterr().out == ""
+
+
+def test_demo_says_its_weights_are_random():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    plan = subprocess.run(["make", "-n", "-C", str(root), "demo"], capture_output=True, text=True).stdout
+    assert "RANDOM weights" in plan
+
+
+def test_export_hides_torch_pytree_deprecation():
+    import warnings
+
+    from dbrx_aot.config import preset
+    from dbrx_aot.export.trace import GraphSpec, empty_model, export_program
+
+    model = empty_model(preset("tiny"), torch.float32, torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        export_program(model, GraphSpec("decode", 1, "gather"), 1, 16)
+    assert not [w for w in seen if "LeafSpec" in str(w.message)]
+
+
+def test_artifacts_and_checkpoints_follow_the_umask(artifacts, tiny_checkpoint):
+    from dbrx_aot.staging import umask
+
+    mode = 0o777 & ~umask()
+    assert artifacts["auto"].stat().st_mode & 0o777 == mode
+    assert tiny_checkpoint.stat().st_mode & 0o777 == mode
+
+
+def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_checkpoint, tmp_path, caplog):
+    """kill -9 mid-export: the staging directory stays (nothing can clean up after SIGKILL); the
+    next write of the same target removes it and says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dbrx_aot.staging import remove_abandoned, staging_dir
+
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "dbrx_aot.cli", "--quiet", "export", str(tiny_checkpoint),
+                             "-o", str(out), "--max-seq-len", "16", "--prefill-chunk", "4"])
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".art.partial-*/weights")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    (partial,) = tmp_path.glob(".art.partial-*")
+    assert not out.exists()
+    alive = tmp_path / f".art.partial-{os.getpid()}-live"  # a live writer's: never touched
+    alive.mkdir()
+    with caplog.at_level("WARNING", logger="dbrx_aot"):
+        assert remove_abandoned(out) == [partial]
+    assert not partial.exists() and alive.exists()
+    assert "left by an interrupted write" in caplog.text
+    assert staging_dir(out).name.startswith(f".art.partial-{os.getpid()}-")

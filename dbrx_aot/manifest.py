@@ -81,7 +81,8 @@ class Manifest:
         return cls(**data)
 
     def tokenizer_obj(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer["chat_template"])
+        t = self.tokenizer
+        return Tokenizer(t["chat_template"], eos_ids=tuple(t["eos_ids"]), pad_id=t["pad_id"], bos_id=t["bos_id"])
 
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)

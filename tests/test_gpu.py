@@ -1,0 +1,137 @@
+"""CUDA: what the GPU check (`make gpu-check`, scripts/gpu_check.py) proves. Skipped without a GPU.
+
+The artifacts are exported once per session, on the GPU, from the tiny preset (compiles are slow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dbrx_aot
+from conftest import ARTIFACT_SHAPES, TOLERANCE
+from dbrx_aot.runtimes import prefill_chunks
+from test_ladder import STEPS, check_long_and_ragged_prompts, check_prefill_and_decode, check_two_caches, prompt
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason=f"no CUDA device (torch {torch.__version__})")]
+
+
+@pytest.fixture(scope="session")
+def cuda_artifact(tiny_checkpoint, tmp_path_factory):
+    """dtype -> an aoti artifact exported with --device cuda (batch 2), built on first use."""
+    from dbrx_aot.export import export_artifact
+
+    root = tmp_path_factory.mktemp("cuda-artifacts")
+    built = {}
+
+    def get(dtype: str):
+        if dtype not in built:
+            built[dtype] = export_artifact(tiny_checkpoint, root / dtype, formats="aoti", device="cuda", dtype=dtype,
+                                           progress=False, **ARTIFACT_SHAPES).path
+        return built[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fp32_pair(cuda_artifact):
+    """(aoti on CUDA with its default CUDA graphs, eager on CUDA), fp32, the same weights."""
+    path = cuda_artifact("float32")
+    return (dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False),
+            dbrx_aot.load_runtime(path, "eager", device="cuda", progress=False))
+
+
+def test_eager_cuda_fp32_matches_eager_cpu(tiny_checkpoint):
+    shapes = dict(batch_size=2, max_seq_len=64, prefill_chunk=8, dtype="float32", progress=False)
+    gpu = dbrx_aot.load_runtime(tiny_checkpoint, "eager", device="cuda", **shapes)
+    cpu = dbrx_aot.load_runtime(tiny_checkpoint, "eager", device="cpu", **shapes)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    atol = TOLERANCE[("aoti", torch.float32)]  # different kernels, same math: the compiled-runtime bar
+    ids = torch.tensor([prompt(13, seed=0), prompt(13, seed=1)])
+    torch.testing.assert_close(gpu.logits(ids).cpu(), cpu.logits(ids), atol=atol, rtol=0)
+    c_gpu, c_cpu = gpu.new_cache(), cpu.new_cache()
+    for _, tokens, positions in prefill_chunks(ids.tolist(), 8, 64):
+        gpu.prefill(tokens, positions, c_gpu)
+        expected = cpu.prefill(tokens, positions, c_cpu)
+    nxt = expected[:, 13 - 8 - 1].argmax(-1)
+    for step in range(STEPS):
+        positions = torch.full((2, 1), 13 + step)
+        expected = cpu.decode(nxt[:, None], positions, c_cpu)
+        torch.testing.assert_close(gpu.decode(nxt[:, None], positions, c_gpu).cpu(), expected, atol=atol, rtol=0,
+                                   msg=f"decode step {step}")
+        nxt = expected[:, 0].argmax(-1)
+    prompts = [prompt(9, seed=2), prompt(4, seed=3)]
+    assert dbrx_aot.generate(gpu, prompts, max_new_tokens=STEPS, stop_ids=[]) == \
+        dbrx_aot.generate(cpu, prompts, max_new_tokens=STEPS, stop_ids=[])
+
+
+def test_cuda_aoti_fp32_prefill_and_32_decode_steps_match_eager(fp32_pair):
+    aoti, eager = fp32_pair
+    assert aoti.device.type == "cuda" and aoti.cuda_graphs  # on by default on CUDA
+    check_prefill_and_decode(aoti, eager, atol=TOLERANCE[("aoti", torch.float32)])
+
+
+def test_cuda_aoti_fp32_long_and_ragged_prompts(fp32_pair):
+    check_long_and_ragged_prompts(*fp32_pair)
+
+
+def test_cuda_aoti_fp32_two_caches_do_not_interfere(fp32_pair):
+    check_two_caches(fp32_pair[0])
+
+
+def test_cuda_aoti_bf16_within_the_bf16_tolerance_of_eager(cuda_artifact):
+    from dbrx_aot.verify import format_table, verify
+
+    result = verify(cuda_artifact("bfloat16"), ["aoti"], device="cuda", steps=32, progress=False)
+    assert result.reference == "eager float32" and result.within_tolerance, format_table(result)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_on_and_off_are_bit_identical(cuda_artifact, dtype):
+    path = cuda_artifact(dtype)
+    on = dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False, cuda_graphs=True)
+    off = dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False, cuda_graphs=False)
+    assert on.cuda_graphs and not off.cuda_graphs
+    ids = torch.tensor([prompt(8, seed=4), prompt(8, seed=5)])
+    c_on, c_off = on.new_cache(), off.new_cache()
+    nxt = on.prefill(ids, torch.arange(8).expand(2, 8), c_on)[:, -1].argmax(-1)
+    off.prefill(ids, torch.arange(8).expand(2, 8), c_off)
+    for step in range(STEPS):
+        positions = torch.full((2, 1), 8 + step)
+        x, y = on.decode(nxt[:, None], positions, c_on), off.decode(nxt[:, None], positions, c_off)
+        assert torch.equal(x, y), f"decode step {step}: max diff {(x - y).abs().max().item()}"
+        nxt = x[:, 0].argmax(-1)
+    assert torch.equal(c_on.k, c_off.k) and torch.equal(c_on.v, c_off.v)
+    assert on.decode_graphs.captures == 1  # every step but the first replayed the one graph
+    prompts = [prompt(11, seed=6), prompt(3, seed=7)]
+    assert dbrx_aot.generate(on, prompts, max_new_tokens=STEPS, temperature=0.8, seed=0, stop_ids=[]) == \
+        dbrx_aot.generate(off, prompts, max_new_tokens=STEPS, temperature=0.8, seed=0, stop_ids=[])
+
+
+def onnxruntime_cuda_missing() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed"
+    providers = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        return (f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider (has {', '.join(providers)}); "
+                "onnxruntime-gpu is needed")
+    return None
+
+
+def test_onnxruntime_cuda_provider_matches_eager(tiny_checkpoint, tmp_path_factory, fp32_pair):
+    reason = onnxruntime_cuda_missing()
+    if reason:
+        pytest.skip(reason)
+    from dbrx_aot.export import export_artifact
+
+    path = export_artifact(tiny_checkpoint, tmp_path_factory.mktemp("onnx-cuda") / "art", formats="onnx",
+                           progress=False, **ARTIFACT_SHAPES).path
+    ort = dbrx_aot.load_runtime(path, "onnxruntime", device="cuda", progress=False)
+    eager = dbrx_aot.load_runtime(path, "eager", device="cuda", dtype="float32", progress=False)
+    assert ort.providers[0] == "CUDAExecutionProvider"
+    check_prefill_and_decode(ort, eager, atol=TOLERANCE[("onnxruntime", torch.float32)])
+    check_two_caches(ort)

@@ -1,0 +1,169 @@
+"""The GPU check (scripts/gpu_check.py): its CPU dry run, so that the script cannot rot between
+the rare sessions that have a GPU, and the pieces that decide what its summary says."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load_script()
+
+
+def test_make_gpu_check_dry_run_on_cpu(tmp_path):
+    """`make gpu-check DEVICE=cpu`: every stage at tiny sizes, the summary written in full."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    # Never pip-install into the test's environment: the install stage only confirms this tree is installed.
+    flags = f"--work {work}" + ("" if gpu_check.installed_from_here() else " --skip-install")
+    proc = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu", f"PYTHON={sys.executable}", f"OUT={out}",
+                           f"GPU_CHECK_FLAGS={flags}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    failed = [s for s in summary["stages"] if not s["ok"]]
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "exports",
+                                                       "bench", "slice"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest.xml", "summary.json", "summary.md"]
+    # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
+    names = {t["name"] for t in summary["tests"]}
+    assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16]" in names and len(names) >= 8
+    assert all(t["outcome"] == "skipped" and "no CUDA device" in t["message"] for t in summary["tests"])
+    bench = summary["figures"]["bench"]
+    assert set(bench["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
+    assert all(r["decode_tokens_per_s"] > 0 and r["cuda_graphs"] is False for r in bench["runs"].values())
+    one = summary["figures"]["slice"]["batch1"]
+    assert one["decode_moe"] == "gather" and 0 < one["fraction_of_bandwidth_limit"] and one["prefill_tokens_per_s"] > 0
+    assert one["decode_ms_per_layer"] == one["decode_ms_p50"]  # the CPU slice has 1 layer
+    assert [t["met"] for t in summary["targets"]] == [None, None, None]  # GPU targets are not judged on CPU
+    md = (out / "summary.md").read_text()
+    assert "CPU dry run" in md and "## Real-width slice: small, 1 layers" in md and "| slice | ok |" in md
+    assert "===== slice batch 1:" in (out / "log.txt").read_text()
+
+
+def make_check(tmp_path, device="cpu"):
+    args = argparse.Namespace(device=device, out=str(tmp_path / "out"), work=str(tmp_path / "work"), deadline=60,
+                              skip_install=True, stages="tests,bench,slice", reuse_exports=False)
+    return gpu_check.Check(args)
+
+
+def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
+    check = make_check(tmp_path)
+
+    def broken():
+        raise gpu_check.StageFailed("exit 1: compile error")
+
+    def buggy():
+        return {}["missing"]
+
+    check.stage("first", broken)
+    check.stage("second", buggy)
+    check.stage("third", lambda: "fine")
+    assert [(s["name"], s["ok"], s["detail"]) for s in check.stages] == [
+        ("first", False, "exit 1: compile error"), ("second", False, "KeyError: 'missing'"), ("third", True, "fine")]
+
+
+def test_a_command_past_the_deadline_is_killed(tmp_path):
+    check = make_check(tmp_path)
+    check.deadline = check.start + 1.5
+    rc, out = check.run("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=60)
+    assert rc == -9 and "killed after" in out
+
+
+def test_a_wheel_already_installed_at_its_version_is_not_installed_again(tmp_path):
+    import importlib.metadata
+
+    have = importlib.metadata.version("click")
+    assert gpu_check.wheel_installed(tmp_path / f"click-{have}-py3-none-any.whl")
+    assert not gpu_check.wheel_installed(tmp_path / "click-0.0.1-py3-none-any.whl")
+    assert not gpu_check.wheel_installed(tmp_path / "no_such_dist-1.0-py3-none-any.whl")
+
+
+def test_junit_outcomes(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text("""<testsuites><testsuite>
+      <testcase classname="tests.test_gpu" name="test_a" time="1.5"/>
+      <testcase classname="tests.test_gpu" name="test_b" time="0.1"><failure message="assert 1 == 2">tb</failure></testcase>
+      <testcase classname="tests.test_gpu" name="test_c" time="0"><skipped message="no CUDA device"/></testcase>
+      <testcase classname="tests.test_gpu" name="test_d" time="0"><error message="fixture broke">tb</error></testcase>
+    </testsuite></testsuites>""")
+    assert [(t["name"], t["outcome"], t["message"]) for t in gpu_check.read_junit(xml)] == [
+        ("test_gpu::test_a", "passed", ""), ("test_gpu::test_b", "failed", "assert 1 == 2"),
+        ("test_gpu::test_c", "skipped", "no CUDA device"), ("test_gpu::test_d", "error", "fixture broke")]
+
+
+def test_targets_are_judged_on_cuda_only(tmp_path):
+    check = make_check(tmp_path, device="cuda")
+    check.figures = {"bench": {"cuda_graphs_speedup": 1.5, "aoti_vs_eager": 1.9},
+                     "slice": {"batch1": {"fraction_of_bandwidth_limit": 0.72}}}
+    assert [(t["value"], t["met"]) for t in check.summary()["targets"]] == [(0.72, True), (1.5, True), (1.9, False)]
+    check.figures = {}
+    assert [t["met"] for t in check.summary()["targets"]] == [None, None, None]
+    md = gpu_check.format_summary(check.summary())
+    assert "not measured (goal 0.7): no figure" in md
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_export_jobs_build_what_the_benches_read(tmp_path, device):
+    check = make_check(tmp_path, device)
+    jobs = check.export_jobs()
+    plan = gpu_check.PLANS[device]
+    assert list(jobs) == ["bench artifact"] + [f"slice batch {b}" for b in plan.slice_batches]
+    flat = [" ".join(cmd) for _, cmds in jobs.values() for cmd in cmds]
+    assert all("--device " + device in c for c in flat if " export " in c)
+    assert any(f"--preset {plan.slice_preset} --layers {plan.slice_layers} --skip-weights" in c for c in flat)
+
+
+def test_a_rerun_of_one_stage_exports_only_what_it_needs(tmp_path):
+    check = make_check(tmp_path, "cuda")
+    check.stages_chosen = {"slice"}
+    assert list(check.export_jobs()) == ["slice batch 1", "slice batch 8"]
+    check.stages_chosen = {"tests"}
+    assert check.export_jobs() == {}
+    check.reuse_exports = True
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    assert check.run_job("x", artifact, [["false"]]) == (True, 0.0, "reused")
+    check.reuse_exports = False
+    ok, _, why = check.run_job("x", artifact, [["false"]])
+    assert not ok and why.startswith("exit 1")
+
+
+def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
+    """A CUDA graph capture that fails on its first GPU must not cost the eager and no-graph figures."""
+    check = make_check(tmp_path, "cuda")
+    run = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 50.0, "decode_ms_p50": 20.0, "decode_ms_p90": 21.0,
+           "decode_ms_per_layer": 5.0, "decode_bytes_per_step": 10**9, "decode_bandwidth_gb_s": 50.0,
+           "fraction_of_bandwidth_limit": 0.02, "decode_moe": "gather", "cuda_graphs": False}
+    calls = []
+
+    def fake_bench(label, path, *options):
+        calls.append(options)
+        if "--no-cuda-graphs" not in options and "aoti" in options:
+            raise gpu_check.StageFailed(f"{label}: exit 1: operation not permitted when stream is capturing")
+        name = "eager" if "eager" in options else "aoti"
+        return {"copy_bandwidth_gb_s": 3000.0, "results": {name: run}}
+
+    check.bench = fake_bench
+    check.stage("bench", check.bench_stage)
+    assert not check.stages[0]["ok"] and "stream is capturing" in check.stages[0]["detail"]
+    assert set(check.figures["bench"]["runs"]) == {"eager", "aoti_no_cuda_graphs"} and len(calls) == 3
+    check.stage("slice", check.slice_stage)  # each batch retried without CUDA graphs, and measured
+    assert {k for k in check.figures["slice"] if k.startswith("batch")} == {"batch1", "batch8"}
+    md = gpu_check.format_summary(check.summary())
+    assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md

@@ -1,0 +1,72 @@
+"""Half-precision artifacts: both formats export, and verify holds them to a sound bar.
+
+A bf16 artifact and a bf16 eager model differ by rounding in a different order; neither is the
+truth. verify measures each runtime against fp32 eager on the artifact's own weights, with bf16
+eager as the baseline (dbrx_aot.verify.Tolerance).
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from dbrx_aot.verify import TOLERANCES, Tolerance, verify
+
+
+def test_bf16_onnx_exports_and_passes_the_checker(half_artifacts):
+    for graph in ("prefill", "decode"):
+        path = half_artifacts["bfloat16"] / f"{graph}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        types = {init.data_type for init in model.graph.initializer}
+        assert types == {onnx.TensorProto.BFLOAT16}
+        assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def test_bf16_artifact_passes_verify_and_onnxruntime_cpu_is_skipped_with_the_reason(half_artifacts):
+    result = verify(half_artifacts["bfloat16"], steps=8, progress=False)
+    assert result.reference == "eager float32" and result.baseline is not None
+    (aoti,) = result.reports
+    assert aoti.runtime == "aoti" and aoti.within_tolerance, aoti
+    assert "cannot run on onnxruntime's CPU execution provider" in result.skipped["onnxruntime"]
+    # What the bar is made of: bf16 eager is measurably off fp32, the compiled graph no further.
+    assert 0 < result.baseline["mean_kl"] < 1e-2
+    assert aoti.mean_kl <= 2 * result.baseline["mean_kl"] + 1e-5
+
+
+def test_fp16_artifact_both_formats_pass_verify(half_artifacts):
+    result = verify(half_artifacts["float16"], steps=8, progress=False)
+    assert [r.runtime for r in result.reports] == ["aoti", "onnxruntime"] and not result.skipped
+    assert result.within_tolerance, result
+
+
+def test_half_precision_bar_rejects_a_wrong_graph(half_artifacts, monkeypatch):
+    """A compiled graph that is off by more than rounding fails verify (exit 1 at the CLI)."""
+    from dbrx_aot.runtimes.aoti import AotiRuntime
+
+    real = AotiRuntime.run_graph
+    noise = torch.Generator().manual_seed(0)
+
+    def off(self, graph, tokens, positions, cache):
+        logits = real(self, graph, tokens, positions, cache)
+        return logits + 0.5 * torch.randn(logits.shape, generator=noise).to(logits.dtype)
+
+    monkeypatch.setattr(AotiRuntime, "run_graph", off)
+    result = verify(half_artifacts["bfloat16"], runtimes=["aoti"], steps=4, progress=False)
+    assert not result.within_tolerance
+
+
+def test_tolerance_rules():
+    fp32 = TOLERANCES[("aoti", "float32")]
+    ok = {"max_abs_error": 5e-5, "top1_agreement": 1.0, "mean_kl": 1e-9}
+    assert fp32.admits(ok) and not fp32.admits({**ok, "max_abs_error": 2e-4})
+    bf16 = TOLERANCES[("aoti", "bfloat16")]
+    base = {"max_abs_error": 0.8, "top1_agreement": 0.95, "mean_kl": 3e-4}
+    # max |logit error| does not decide in half precision; KL and top-1 relative to eager's do.
+    assert bf16.admits({"max_abs_error": 5.0, "top1_agreement": 0.94, "mean_kl": 5e-4}, base)
+    assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 0.99, "mean_kl": 7e-4}, base)
+    assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 0.92, "mean_kl": 1e-4}, base)
+    assert isinstance(bf16, Tolerance) and bf16.relative and not fp32.relative
+    with pytest.raises(AssertionError):
+        bf16.admits(ok)  # a relative bar needs its baseline
