@@ -311,6 +311,7 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
 @click.option("--grace", default=30.0, show_default=True,
               help="Seconds SIGTERM / Ctrl-C lets in-flight requests finish before cancelling them.")
 @click.option("--model-name", default=None, help="The model id clients send [default: PATH's directory name].")
+@common_options
 @handles_errors
 def serve_cmd(path: Path, runtime: str, device: str, host: str, port: int, max_queue: int, grace: float,
               model_name: str | None) -> None:
