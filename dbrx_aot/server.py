@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dbrx_aot.app import checksum_option
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.generate import sample
 from dbrx_aot.runtimes import PAD_TOKEN, Runtime, load_runtime
@@ -51,6 +52,9 @@ log = logging.getLogger("dbrx_aot.server")
 MAX_BODY_BYTES = 1 << 20    # a request body beyond this is answered 413
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions; chat defaults to the rest of the cache
 MAX_STOP_STRINGS = 4        # as OpenAI
+# How long a newly admitted job waits for others to share its first prefill call (Scheduler.step):
+# a few ms of latency against a [B, P] prefill call saved (0.4 s for the small preset on 2 cores).
+ADMISSION_WINDOW_S = 0.02
 
 
 # --- The scheduler's side: jobs, events, text --------------------------------------------------
@@ -185,9 +189,11 @@ class Scheduler:
     tests, on the caller's: ``step`` is one iteration).
     """
 
-    def __init__(self, runtime: Runtime, max_queue: int, metrics: Metrics | None = None):
+    def __init__(self, runtime: Runtime, max_queue: int, metrics: Metrics | None = None,
+                 admission_window: float = ADMISSION_WINDOW_S):
         self.runtime = runtime
         self.max_queue = max_queue
+        self.admission_window = admission_window
         self.metrics = metrics or Metrics(runtime.batch_size)
         self.cache = runtime.new_cache()
         self.rows: list[Slot | None] = [None] * runtime.batch_size
@@ -250,14 +256,34 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: free rows of cancelled jobs, admit waiting jobs into free rows, one
-        prefill call for the rows still taking in their prompt, one decode call for the rest."""
-        self._admit()
+        prefill call for the rows still taking in their prompt, one decode call for the rest.
+
+        A prefill call costs the same whatever number of rows it fills (its shape is [B, P]), so a
+        job admitted while rows are still free waits up to ``admission_window`` seconds for
+        others to share its first call: requests that arrive together (a burst, or clients whose
+        previous requests ended on the same step) pay for one prefill, not one each, and the rows
+        already decoding are stalled once."""
+        if self._admit() and self.admission_window > 0 and None in self.rows:
+            self._await_arrivals(self.admission_window)
+            self._admit()
         if any(s is not None and s.prefilling for s in self.rows):
             self._prefill()
         if any(s is not None and not s.prefilling for s in self.rows):
             self._decode()
 
-    def _admit(self) -> None:
+    def _await_arrivals(self, window: float) -> None:
+        """Wait until the free rows have waiting jobs to take, or ``window`` seconds have passed."""
+        deadline = time.monotonic() + window
+        with self._cond:
+            while not self._stopping and len(self._waiting) < self.rows.count(None):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+
+    def _admit(self) -> int:
+        """Free the rows of cancelled jobs and fill free rows from the queue; returns how many were admitted."""
+        admitted = 0
         for b, slot in enumerate(self.rows):
             if slot is not None and slot.job.cancelled:
                 self._end(b, None, "cancelled")
@@ -275,8 +301,10 @@ class Scheduler:
                     else:
                         generator.seed()
                     self.rows[b] = Slot(job, TextOut(self.runtime.tokenizer, job.sampling.stop), generator)
+                    admitted += 1
             self.metrics.queue_length.set(len(self._waiting))
         self.metrics.busy_rows.set(sum(s is not None for s in self.rows))
+        return admitted
 
     def _prefill(self) -> None:
         rt = self.runtime
@@ -755,7 +783,7 @@ def serve(path: str | Path, *, runtime: str = "eager", device: str = "cpu", host
     sock = bind(host, port)  # before loading: a taken port fails fast
     try:
         rt = load_runtime(path, runtime=runtime, device=device, progress=progress,
-                          **({} if verify_checksums else {"verify_checksums": False}))
+                          **checksum_option(verify_checksums))
         name = model_name or Path(path).resolve().name
         app = create_app(Scheduler(rt, max_queue), name)
         server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=grace, log_level="info",

@@ -151,6 +151,29 @@ def test_scheduler_matches_generate_alone(slot_runtime):
     assert scheduler.metrics.registry.get_sample_value("dbrx_aot_busy_rows") == 0
 
 
+@pytest.mark.parametrize("window, prefills", [(0.5, 1), (0.0, 2)])
+def test_jobs_arriving_together_share_one_prefill_call(runtime, monkeypatch, window, prefills):
+    """A [B, P] prefill call costs the same for one row or B: a job admitted while rows are free
+    waits up to the admission window for others to share its first call."""
+    import threading
+
+    calls = []
+    real = runtime.prefill
+    monkeypatch.setattr(runtime, "prefill", lambda *args: calls.append(1) or real(*args))
+    scheduler = Scheduler(runtime, max_queue=4, admission_window=window)
+    events: list[list] = [[], []]
+    jobs = [Job([1, 2, 3], Sampling(max_tokens=2, temperature=0.0), events[n].append) for n in range(2)]
+    scheduler.submit(jobs[0])
+    later = threading.Timer(0.05, scheduler.submit, args=(jobs[1],))
+    later.start()
+    scheduler.step()
+    later.join()
+    while any(not any(isinstance(e, Finished) for e in ev) for ev in events):
+        scheduler.step()
+    assert len(calls) == prefills
+    assert collect(events[0])[0] == collect(events[1])[0]
+
+
 def test_cancelled_job_frees_its_row(runtime):
     scheduler = Scheduler(runtime, max_queue=0)
     events: list = []
