@@ -209,7 +209,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
 
     \b
     Examples:
-      dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 256 --prefill-chunk 32
+      dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 2048 --prefill-chunk 64
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
       dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
     """
