@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import DbrxModel
-from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
+from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
 
 INDEX_FILE = "model.safetensors.index.json"
