@@ -19,6 +19,14 @@ from dbrx_aot.errors import DbrxAotError
 NORM_EPS = 1e-5  # DBRX's LayerNorm eps (torch's default; not a config key)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a file that is not JSON is the user's error, named."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DbrxAotError(f"{path}: invalid JSON ({err})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DbrxConfig:
     d_model: int
@@ -80,11 +88,7 @@ class DbrxConfig:
             path = path / "config.json"
         if not path.is_file():
             raise DbrxAotError(f"{path}: no such file (expected a DBRX config.json)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DbrxAotError(f"{path}: invalid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> DbrxConfig:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from dbrx_aot.config import DbrxConfig, parse_dtype
+from dbrx_aot.config import DbrxConfig, parse_dtype, read_json
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.safetensors_io import open_checked, read_tensor
 from dbrx_aot.tokenizer import Tokenizer
@@ -61,10 +61,7 @@ class Manifest:
         path = Path(root) / MANIFEST
         if not path.is_file():
             raise DbrxAotError(f"{root}: no {MANIFEST} (not a dbrx-aot artifact directory)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DbrxAotError(f"{path}: invalid JSON ({err})") from None
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DbrxAotError(f"{path}: format={data.get('format') if isinstance(data, dict) else None!r}, "
                                f"expected {FORMAT!r}")

@@ -4,7 +4,6 @@ the chat template rendered with jinja2 the way transformers renders chat templat
 from __future__ import annotations
 
 import codecs
-import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -13,6 +12,7 @@ import jinja2
 import jinja2.sandbox
 import tiktoken
 
+from dbrx_aot.config import read_json
 from dbrx_aot.errors import DbrxAotError
 
 # The released dbrx-instruct template, byte-exact (package data).
@@ -136,10 +136,7 @@ def _read_json(path: Path) -> dict:
     """A JSON object from ``path``, or {} when the file is absent."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DbrxAotError(f"{path}: invalid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DbrxAotError(f"{path}: expected a JSON object")
     return data
