@@ -78,8 +78,9 @@ def generate_text(path: Path, *, runtime: str, device: str, prompts: list[str], 
             "finish_reasons": [reasons[n] for n in range(len(out))], "max_seq_len": rt.max_seq_len}
 
 
-def cache_full_note(rows: list[int], max_seq_len: int) -> str:
-    """What to tell the user when replies stopped because the cache ran out of slots."""
-    which = "the reply" if rows == [0] else "row(s) " + ", ".join(map(str, rows))
+def cache_full_note(rows: list[int], batch: int, max_seq_len: int) -> str:
+    """What to tell the user when replies (``rows`` of a batch of ``batch``) stopped because the
+    cache ran out of slots."""
+    which = "the reply" if batch == 1 else "row(s) " + ", ".join(map(str, rows))
     return (f"note: {which} stopped early: the KV cache of {max_seq_len} positions is full (prompt + reply); "
             "export with a larger --max-seq-len for longer replies")

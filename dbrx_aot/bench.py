@@ -35,38 +35,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a large device copy (read + write counted), best of ``repeats``. On CUDA 2 GiB (a
-    copy of ~1 ms at 3 TB/s, so the host timer and the sync are a small part of it), 512 MiB on CPU."""
-    nbytes = nbytes or (1 << 31 if device.type == "cuda" else 1 << 29)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
+def probe_bytes(device: torch.device) -> int:
+    """How much a bandwidth probe moves: 2 GiB on CUDA (~1 ms at 3 TB/s, so the host timer and the
+    sync are a small part of it), 512 MiB on CPU."""
+    return 1 << 31 if device.type == "cuda" else 1 << 29
+
+
+def best_seconds(device: torch.device, fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed runs of ``fn``, after one untimed run (it faults the pages in)."""
     best = float("inf")
-    for _ in range(repeats + 1):  # the first run faults the pages in
+    for _ in range(repeats + 1):
         sync(device)
         start = time.perf_counter()
-        dst.copy_(src)
+        fn()
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
+    return best
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a large device copy (read + write counted), best of ``repeats``."""
+    nbytes = nbytes or probe_bytes(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_seconds(device, lambda: dst.copy_(src), repeats)
 
 
 def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a large streaming read (2 GiB on CUDA, 512 MiB on CPU): the best of a full sum and a
-    matrix-vector product over the same bytes (each the best of ``repeats`` runs)."""
-    nbytes = nbytes or (1 << 31 if device.type == "cuda" else 1 << 29)
+    """Bytes/s of a large streaming read: the best of a full sum and a matrix-vector product over the
+    same bytes (each the best of ``repeats`` runs)."""
+    nbytes = nbytes or probe_bytes(device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    rows = src.view(-1, 4096)
-    vector = torch.ones(4096, dtype=torch.float32, device=device)
-    best = float("inf")
-    for read in (src.sum, lambda: rows @ vector):
-        for _ in range(repeats + 1):  # the first run faults the pages in
-            sync(device)
-            start = time.perf_counter()
-            read()
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-    return nbytes / best
+    rows, vector = src.view(-1, 4096), torch.ones(4096, dtype=torch.float32, device=device)
+    return nbytes / min(best_seconds(device, src.sum, repeats), best_seconds(device, lambda: rows @ vector, repeats))
 
 
 def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str, itemsize: int) -> dict[str, int]:
@@ -225,13 +226,13 @@ def load_manifest_or_none(path: Path) -> dict | None:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s (the limit), copy "
-             f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
-             f"(torch {report['torch']}, {report['threads']} threads)"]
     header = (f"{'runtime':<13} {'prefill tok/s':>13} {'decode tok/s':>12} {'p50 ms':>8} {'p90 ms':>8} "
               f"{'GB/s':>7} {'of read':>8} {'of copy':>8} {'RSS GB':>7} {'vs eager':>8}")
-    lines.insert(1, "RSS: each runtime's own process after the run (each runs in a fresh process)")
-    lines += [header, "-" * len(header)]
+    lines = [f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s (the limit), copy "
+             f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
+             f"(torch {report['torch']}, {report['threads']} threads)",
+             "RSS: each runtime's own process after the run (each runs in a fresh process)",
+             header, "-" * len(header)]
     base = report["results"].get("eager", {}).get("decode_tokens_per_s")
     for name, r in report["results"].items():
         speedup = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"

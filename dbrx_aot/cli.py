@@ -180,7 +180,7 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
                f"{runtime} on {device})", err=True)
     full = [n for n, reason in enumerate(stats["finish_reasons"]) if reason == "cache"]
     if full:
-        click.echo(cache_full_note(full if len(prompts) > 1 else [0], stats["max_seq_len"]), err=True)
+        click.echo(cache_full_note(full, len(prompts), stats["max_seq_len"]), err=True)
 
 
 @cli.command("export")

@@ -108,7 +108,6 @@ class RuntimeReport:
     greedy_first_difference: int | None  # None: identical over greedy_steps
     tolerance: Tolerance
     within_tolerance: bool
-    baseline: dict | None = None  # half precision: eager in the artifact's dtype against the same reference
 
     def greedy_text(self) -> str:
         if self.greedy_first_difference is None:
@@ -231,7 +230,7 @@ def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | N
         result = compare(runtime, reference, ids, steps)
         tol = tolerance(name, manifest.dtype)
         reports.append(RuntimeReport(runtime=name, reference="eager float32", greedy_steps=steps, tolerance=tol,
-                                     within_tolerance=tol.admits(result, baseline), baseline=baseline, **result))
+                                     within_tolerance=tol.admits(result, baseline), **result))
         del runtime
         gc.collect()
     if not reports:
