@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.model import DbrxModel
+from dbrx_aot.model import DbrxModel, replace_weight_format
+from dbrx_aot.quantize import stored_tensors
 from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
 from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
@@ -43,9 +44,20 @@ HUB_TO_GRAPH: dict[str, str] = {
 
 def graph_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
     """The model's own parameter names and shapes (read off a meta-device model)."""
+    return {name: shape for name, (shape, _) in stored_specs(config, torch.float32, "same").items()}
+
+
+def meta_model(config: DbrxConfig, dtype: torch.dtype, weights_format: str = "same") -> DbrxModel:
+    """The model on the meta device, computing in ``dtype``, its matrices stored as ``weights_format``."""
     with torch.device("meta"):
-        model = DbrxModel(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+        return replace_weight_format(DbrxModel(config).to(dtype), weights_format)
+
+
+def stored_specs(config: DbrxConfig, dtype: torch.dtype,
+                 weights_format: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of every tensor a model of this compute dtype and weight format holds."""
+    return {name: (tuple(p.shape), p.dtype)
+            for name, p in meta_model(config, dtype, weights_format).named_parameters()}
 
 
 def hub_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
@@ -97,9 +109,10 @@ def checkpoint_shards(path: Path) -> list[Path]:
     raise DbrxAotError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (expected a Hugging Face DBRX checkpoint)")
 
 
-def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype,
+def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype | None,
                     progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (graph key, tensor in graph layout and ``dtype``), one tensor at a time, checked."""
+    """Yield (graph key, tensor in graph layout and ``dtype``, or as stored when None), one tensor
+    at a time, checked."""
     expected = hub_shapes(config)
     graph_keys = hub_to_graph_keys(config)
     graph = graph_shapes(config)
@@ -121,7 +134,8 @@ def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype,
                 if tensor.dtype not in FLOAT_DTYPES:
                     raise DbrxAotError(f"{shard}: {key} has dtype {tensor.dtype}, expected a floating dtype")
                 seen.add(key)
-                yield graph_keys[key], to_graph_layout(tensor, graph[graph_keys[key]]).to(dtype)
+                tensor = to_graph_layout(tensor, graph[graph_keys[key]])
+                yield graph_keys[key], tensor if dtype is None else tensor.to(dtype)
                 bar.update()
     bar.close()
     missing = [key for key in expected if key not in seen]
@@ -130,13 +144,20 @@ def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype,
 
 
 def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
-               weights: Iterator[tuple[str, torch.Tensor]] | None = None, progress: bool = True) -> DbrxModel:
-    """Build the model with uninitialised storage and fill it tensor by tensor (no second copy)."""
-    with torch.device("meta"):
-        model = DbrxModel(config)
-    model = model.to(dtype).to_empty(device=device)  # cast on meta: never allocate another dtype
+               weights: Iterator[tuple[str, torch.Tensor]] | None = None, progress: bool = True,
+               weights_format: str = "same") -> DbrxModel:
+    """Build the model with uninitialised storage and fill it tensor by tensor (no second copy).
+
+    ``weights``: tensors already in their stored form (an artifact's weights/); without it, the
+    checkpoint at ``path`` is read and each tensor converted to ``weights_format`` as it comes.
+    """
+    # Shaped and cast on meta (never allocating another dtype), then given uninitialised storage.
+    model = meta_model(config, dtype, weights_format).to_empty(device=device)
     params = dict(model.named_parameters())
-    for name, tensor in weights if weights is not None else iter_checkpoint(path, config, dtype, progress):
+    if weights is None:
+        weights = (stored for name, tensor in iter_checkpoint(path, config, None, progress)
+                   for stored in stored_tensors(name, tensor, weights_format, dtype))
+    for name, tensor in weights:
         params[name].data.copy_(tensor)
     return model.eval().requires_grad_(False)
 
@@ -160,16 +181,16 @@ def random_tensor(hub_key: str, shape: tuple[int, ...], config: DbrxConfig,
     return torch.randn(shape, generator=generator, device=device) / fan_in ** 0.5
 
 
-def random_weights(config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
-                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """(graph key, tensor in graph layout) of random weights made on ``device`` at the scales of
+def random_weights(config: DbrxConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                   weights_format: str = "same") -> Iterator[tuple[str, torch.Tensor]]:
+    """(graph key, tensor in its stored form) of random weights made on ``device`` at the scales of
     ``write_random_checkpoint``, one tensor at a time: for benchmarks at real width, which need the
     shapes and not the values, without writing and reading the weights through the disk."""
     generator = torch.Generator(device=device).manual_seed(seed)
     graph, hub = graph_shapes(config), hub_shapes(config)
     for hub_key, key in hub_to_graph_keys(config).items():
-        tensor = random_tensor(hub_key, hub[hub_key], config, generator)
-        yield key, to_graph_layout(tensor.to(dtype), graph[key])
+        tensor = to_graph_layout(random_tensor(hub_key, hub[hub_key], config, generator), graph[key])
+        yield from stored_tensors(key, tensor, weights_format, dtype)
 
 
 def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards: int = 1,

@@ -43,6 +43,7 @@ class Manifest:
     weights: dict[str, str]           # graph tensor name -> file under weights/
     tokenizer: dict
     files: dict[str, dict]            # relative path -> {"sha256": ..., "bytes": ...}
+    weights_format: str = "same"      # how the matrices are stored: same (as dtype), bfloat16, int8
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -70,7 +71,8 @@ class Manifest:
             raise DbrxAotError(f"{path}: format_version={version!r}, this dbrx-aot reads version "
                                f"{FORMAT_VERSION} (re-export the artifact with this version)")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(data))
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise DbrxAotError(f"{path}: missing key {missing[0]}")
         data = {k: v for k, v in data.items() if k in fields}

@@ -6,6 +6,11 @@ heads); bias-free LayerNorms; a fine-grained MoE of 16 experts, top-4, with an f
 and p-norm renormalised weights; experts stored flat as [E*F, D] (here [E, F, D]) with w2 used
 without a transpose; an untied lm_head.
 
+Weight formats (``--weights``, dbrx_aot/quantize.py): a matrix may be stored in another dtype than
+the model computes in (bf16 upcast in the kernel that reads it) or as int8 with per-output-channel
+scales (``Int8Linear``, ``Int8MoE``, swapped in by ``replace_weight_format``). They are forms of
+this one module: the eager model on an int8 artifact is the exact reference for its compiled graphs.
+
 Static shapes: B rows, T tokens per call (T = P for prefill, 1 for decode), a KV cache of S slots.
 The cache is passed in, never held: ``DbrxModel.forward`` reads it and returns the step's new
 keys and values; ``CachedStep`` (the graph AOTInductor compiles) also writes them into the cache
@@ -31,6 +36,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from dbrx_aot.config import NORM_EPS, DbrxConfig
+from dbrx_aot.quantize import INT8_ZERO_POINT, check_weights_format, quantize_int8, reduction_dim
 
 MoeMode = Literal["dense", "gather"]
 MOE_MODES = ("auto", "dense", "gather")
@@ -59,12 +65,56 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rowdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` as a multiply and a row reduction, for one-token decode graphs on CPU: Inductor
+    fuses it into one kernel that streams W (and upcasts or dequantises it on the fly), where a BLAS
+    gemv reaches less of the memory bandwidth (lm_head of the small preset on 2 cores: 17 ms vs
+    25 ms). Compiled graphs only: run eagerly, it would materialise the product."""
+    return (x[..., None, :] * w).sum(-1)  # [..., 1, D] * [O, D] -> [..., O]
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose weight may be stored in another dtype than it computes in
+    (``--weights bfloat16``): upcast where it is read. ``rowdot`` (set by ``use_rowdot``) picks the
+    matrix-vector form of compiled CPU decode graphs."""
+
+    rowdot = False
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype)
+        return rowdot(x, w) if self.rowdot else F_.linear(x, w)
+
+
+class Int8Linear(nn.Module):
+    """``x W^T`` with W stored as uint8 ``q + 128`` [O, D] and an fp32 scale per output channel [O],
+    applied after the reduction (``--weights int8``)."""
+
+    rowdot = False
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)   # [O, D] uint8
+        self.scale = nn.Parameter(scale, requires_grad=False)     # [O] fp32
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(*quantize_int8(linear.weight.detach(), dim=1))
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) - INT8_ZERO_POINT                     # [O, D], exact integers
+        y = rowdot(x, w) if self.rowdot else F_.linear(x, w)
+        return y * self.scale.to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.config = config
-        self.Wqkv = nn.Linear(config.d_model, config.qkv_size, bias=False)
-        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.Wqkv = Linear(config.d_model, config.qkv_size)
+        self.out_proj = Linear(config.d_model, config.d_model)
 
     def forward(self, x, cos, sin, k_cache, v_cache, mask):
         # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, G*T, S+T]
@@ -95,16 +145,26 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router + experts. Expert weights are [E, F, D]: out_e = (silu(h w1_e^T) * h v1_e^T) w2_e."""
+    """Router + experts. Expert weights are [E, F, D]: out_e = (silu(h w1_e^T) * h v1_e^T) w2_e.
+
+    ``weight`` reads an expert tensor (all of it, or the rows of the chosen experts) in the compute
+    dtype and ``scale`` applies its per-output-channel scale after the reduction: the identity
+    here, the int8 form's scales in ``Int8MoE``."""
 
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.config = config
         E, F, D = config.moe_num_experts, config.ffn_hidden_size, config.d_model
-        self.router = nn.Linear(D, E, bias=False)
+        self.router = Linear(D, E)
         self.w1 = nn.Parameter(torch.empty(E, F, D))
         self.v1 = nn.Parameter(torch.empty(E, F, D))
         self.w2 = nn.Parameter(torch.empty(E, F, D))
+
+    def weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w.to(dtype)
+
+    def scale(self, y: torch.Tensor, name: str, top_e: torch.Tensor | None = None) -> torch.Tensor:
+        return y
 
     def route(self, h):
         # h [N, D] -> top weights [N, k] (model dtype), top experts [N, k]
@@ -120,23 +180,45 @@ class MoE(nn.Module):
         B, T, D = x.shape
         h = x.reshape(B * T, D)                                         # [N, D]
         top_w, top_e = self.route(h)
+        dt = h.dtype
         if mode == "dense":
             # Every expert on every token, weighted by its routing weight (0 when not chosen).
-            weights = torch.zeros(h.shape[0], self.config.moe_num_experts, dtype=h.dtype,
+            weights = torch.zeros(h.shape[0], self.config.moe_num_experts, dtype=dt,
                                   device=h.device).scatter(1, top_e, top_w)           # [N, E]
-            gate = F_.silu(h @ self.w1.transpose(1, 2))                # [E, N, F]
-            up = h @ self.v1.transpose(1, 2)                            # [E, N, F]
-            y = (gate * up) @ self.w2                                   # [E, N, D]
+            gate = F_.silu(self.scale(h @ self.weight(self.w1, dt).transpose(1, 2), "w1"))  # [E, N, F]
+            up = self.scale(h @ self.weight(self.v1, dt).transpose(1, 2), "v1")             # [E, N, F]
+            y = self.scale((gate * up) @ self.weight(self.w2, dt), "w2")                   # [E, N, D]
             out = (y * weights.t()[:, :, None]).sum(dim=0)              # [N, D]
         else:
-            # Only the chosen experts' rows, gathered by index per token.
-            w1, v1, w2 = self.w1[top_e], self.v1[top_e], self.w2[top_e]  # [N, k, F, D]
+            # Only the chosen experts' rows, gathered by index per token (then upcast).
+            w1, v1, w2 = (self.weight(w[top_e], dt) for w in (self.w1, self.v1, self.w2))  # [N, k, F, D]
             hk = h[:, None, None, :]                                    # [N, 1, 1, D]
-            gate = F_.silu((hk * w1).sum(-1))                           # [N, k, F]
-            up = (hk * v1).sum(-1)                                      # [N, k, F]
-            y = ((gate * up)[..., None] * w2).sum(2)                    # [N, k, D]
+            gate = F_.silu(self.scale((hk * w1).sum(-1), "w1", top_e))  # [N, k, F]
+            up = self.scale((hk * v1).sum(-1), "v1", top_e)             # [N, k, F]
+            y = self.scale(((gate * up)[..., None] * w2).sum(2), "w2", top_e)  # [N, k, D]
             out = (y * top_w[..., None]).sum(1)                         # [N, D]
         return out.view(B, T, D)
+
+
+class Int8MoE(MoE):
+    """The experts as uint8 ``q + 128`` [E, F, D] with fp32 scales per output channel: w1, v1 [E, F]
+    (their matmuls reduce over D), w2 [E, D] (it reduces over F). Router unquantised."""
+
+    def __init__(self, moe: MoE):
+        nn.Module.__init__(self)
+        self.config, self.router = moe.config, moe.router
+        for name in ("w1", "v1", "w2"):
+            u, s = quantize_int8(getattr(moe, name).detach(), reduction_dim("ffn." + name))
+            setattr(self, name, nn.Parameter(u, requires_grad=False))
+            setattr(self, name + "_scale", nn.Parameter(s, requires_grad=False))
+
+    def weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w.to(dtype) - INT8_ZERO_POINT
+
+    def scale(self, y: torch.Tensor, name: str, top_e: torch.Tensor | None = None) -> torch.Tensor:
+        s = {"w1": self.w1_scale, "v1": self.v1_scale, "w2": self.w2_scale}[name]   # [E, C]
+        s = s[:, None, :] if top_e is None else s[top_e]        # dense [E, 1, C]; gather [N, k, C]
+        return y * s.to(y.dtype)
 
 
 class Block(nn.Module):
@@ -161,7 +243,7 @@ class DbrxModel(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
 
     def forward(self, tokens, positions, k_cache, v_cache, moe: MoeMode = "dense"):
         """tokens, positions [B, T] int64; k_cache, v_cache [L, B, K, S, hd], read only.
@@ -189,29 +271,34 @@ class DbrxModel(nn.Module):
         return logits, torch.stack(new_k), torch.stack(new_v)           # [L, B, K, T, hd]
 
 
-class RowDotLinear(nn.Module):
-    """``x W^T`` as a multiply and a row reduction, for one-token decode graphs on CPU: Inductor
-    fuses it into one kernel that streams W, where a BLAS gemv reaches less of the memory bandwidth
-    (lm_head of the small preset on 2 cores: 17 ms vs 25 ms). Compiled graphs only: run eagerly,
-    it would materialise the product."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        assert linear.bias is None
-        self.weight = linear.weight
-
-    def forward(self, x):
-        return (x[..., None, :] * self.weight).sum(-1)  # [..., 1, D] * [O, D] -> [..., O]
-
-
-def replace_linear_with_rowdot(module: nn.Module) -> nn.Module:
-    """Swap every nn.Linear below ``module`` for a RowDotLinear on the same weight, in place."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, RowDotLinear(child))
-        else:
-            replace_linear_with_rowdot(child)
+def use_rowdot(module: nn.Module) -> nn.Module:
+    """Every linear layer below ``module`` computes in its row-dot form (see ``rowdot``), in place."""
+    for child in module.modules():
+        if isinstance(child, (Linear, Int8Linear)):
+            child.rowdot = True
     return module
+
+
+def replace_weight_format(model: DbrxModel, fmt: str) -> DbrxModel:
+    """Store the matrices (quantize.MATRICES) as ``fmt`` (``same``, ``bfloat16``, ``int8``), in place.
+
+    Works on real weights (it converts or quantises them) and on the meta device (it only shapes
+    the parameters, for loading stored weights into them)."""
+    check_weights_format(fmt)
+    if fmt == "same":
+        return model
+    for block in model.blocks:
+        if fmt == "bfloat16":
+            block.attn.to(torch.bfloat16)
+            for name in ("w1", "v1", "w2"):
+                setattr(block.ffn, name, nn.Parameter(getattr(block.ffn, name).detach().to(torch.bfloat16),
+                                                      requires_grad=False))
+        else:
+            block.attn.Wqkv = Int8Linear.from_linear(block.attn.Wqkv)
+            block.attn.out_proj = Int8Linear.from_linear(block.attn.out_proj)
+            block.ffn = Int8MoE(block.ffn)
+    model.lm_head = model.lm_head.to(torch.bfloat16) if fmt == "bfloat16" else Int8Linear.from_linear(model.lm_head)
+    return model
 
 
 def write_cache_(k_cache, v_cache, new_k, new_v, positions) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch._inductor
 
-from dbrx_aot.model import DbrxModel, replace_linear_with_rowdot
+from dbrx_aot.model import DbrxModel, use_rowdot
 from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
 
 INDUCTOR_CONFIGS = {
@@ -21,7 +21,7 @@ INDUCTOR_CONFIGS = {
 
 
 def uses_rowdot(spec: GraphSpec, batch_size: int, device: torch.device) -> bool:
-    """One-token CPU decode at batch 1: the projections are matrix-vector products (RowDotLinear)."""
+    """One-token CPU decode at batch 1: the projections are matrix-vector products (model.rowdot)."""
     return device.type == "cpu" and spec.tokens == 1 and batch_size == 1
 
 
@@ -29,7 +29,7 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
     """torch.export the in-place-cache graph and compile it into ``out`` (.pt2)."""
     if uses_rowdot(spec, batch_size, next(model.parameters()).device):
         # A structural copy sharing the same parameters (no weight is copied).
-        model = replace_linear_with_rowdot(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
+        model = use_rowdot(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch_deprecations_hidden():

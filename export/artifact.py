@@ -17,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 import dbrx_aot
-from dbrx_aot.checkpoint import checkpoint_shards, graph_shapes, hub_to_graph_keys, iter_checkpoint
+from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_checkpoint, stored_specs
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
 from dbrx_aot.model import MOE_MODES, resolve_moe_mode
+from dbrx_aot.quantize import check_weights_format, reduction_dim, scale_name, stored_tensors
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
 from dbrx_aot.staging import replace_dir, staging_dir
@@ -61,9 +62,12 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 
 def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
                     batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                    moe: str = "auto", force: bool = False, skip_weights: bool = False,
-                    config: DbrxConfig | None = None, progress: bool = True) -> ExportReport:
+                    moe: str = "auto", weights_format: str = "same", force: bool = False,
+                    skip_weights: bool = False, config: DbrxConfig | None = None,
+                    progress: bool = True) -> ExportReport:
     """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
+
+    ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py).
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
     will do (compile-only: the result holds no weights and cannot run).
@@ -76,6 +80,10 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     elif config is None or not skip_weights:
         raise DbrxAotError("export: give a CHECKPOINT directory (or --preset with --skip-weights)")
     torch_dtype = parse_dtype(dtype)
+    check_weights_format(weights_format)
+    if weights_format == "bfloat16" and torch_dtype != torch.float32:
+        raise DbrxAotError(f"--weights bfloat16 goes with --dtype float32 (bf16 storage, fp32 compute); with "
+                           f"--dtype {dtype} use --weights same")
     dev = resolve_device(device)
     max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
     prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
@@ -95,12 +103,13 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         weights = {}
         if not skip_weights:
             with stage("convert weights", timings, bar):
-                weights = convert_weights(checkpoint, config, torch_dtype, tmp / WEIGHTS_DIR, progress)
+                weights = convert_weights(checkpoint, config, torch_dtype, weights_format, tmp / WEIGHTS_DIR,
+                                          progress)
         # "outputs": the in-place form (logits; the cache is updated); "onnx_outputs": the ONNX form.
         graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype, functional=False)
                   for name in GRAPHS}
         with stage("build empty model", timings, bar):
-            model = empty_model(config, torch_dtype, dev)
+            model = empty_model(config, torch_dtype, dev, weights_format)
         if "aoti" in formats:
             from dbrx_aot.export.aoti import compile_package, uses_rowdot
 
@@ -128,7 +137,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             format_version=FORMAT_VERSION, versions=versions(), device=dev.type,
             dtype=str(torch_dtype).removeprefix("torch."), batch_size=batch_size, max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
-            formats=list(formats), graphs=graphs, weights=weights,
+            formats=list(formats), graphs=graphs, weights=weights, weights_format=weights_format,
             tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
                        "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},
             files=files)
@@ -149,25 +158,29 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     return ExportReport(out, timings, sizes)
 
 
-def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, out: Path,
+def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, weights_format: str, out: Path,
                     progress: bool) -> dict[str, str]:
-    """Hub checkpoint -> weights/ in the graph's names, layout and dtype, one tensor at a time.
+    """Hub checkpoint -> weights/ in the graph's names, layout and stored form (``weights_format``:
+    the matrices in bf16, or int8 with their scales beside them), one tensor at a time.
 
     One output file per input shard; returns {graph name: file name}.
     """
     out.mkdir(parents=True)
-    shapes = graph_shapes(config)
+    specs = stored_specs(config, dtype, weights_format)
     graph_keys = hub_to_graph_keys(config)
     shards = checkpoint_shards(checkpoint)
     plan: list[tuple[str, list[str]]] = []
     for n, shard in enumerate(shards, 1):
         with open_checked(shard) as f:
             names = [graph_keys[k] for k in f.keys() if k in graph_keys]
-        plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors", names))
+        stored = [s for name in names for s in
+                  ([name, scale_name(name)] if weights_format == "int8" and reduction_dim(name) is not None else [name])]
+        plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors", stored))
     weights: dict[str, str] = {}
-    source = iter_checkpoint(checkpoint, config, dtype, progress)  # validates every key and shape
+    source = (stored for name, tensor in iter_checkpoint(checkpoint, config, None, progress)  # checks every key
+              for stored in stored_tensors(name, tensor, weights_format, dtype))
     for file, names in plan:
-        with StreamingWriter(out / file, [(n, shapes[n], dtype) for n in names]) as writer:
+        with StreamingWriter(out / file, [(n, *specs[n]) for n in names]) as writer:
             for expected in names:
                 name, tensor = next(source)
                 assert name == expected, (name, expected)

@@ -37,7 +37,7 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
 
     if not weights:
         raise DbrxAotError("--skip-weights works with --format aoti only: ONNX graphs point into weights/")
-    param = next(model.parameters())
+    param = model.wte.weight  # the compute dtype (matrices may be stored in another)
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dbrx_aot.checkpoint import meta_model
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.model import CachedStep, DbrxModel, FunctionalStep, MoeMode, cache_shape
 
@@ -43,12 +44,11 @@ def stage(name: str, timings: dict, bar=None):
         bar.update()
 
 
-def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device) -> DbrxModel:
+def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device,
+                weights_format: str = "same") -> DbrxModel:
     """The model with uninitialised storage: on CPU, virtual memory whose pages are never touched,
     so tracing and compiling the 132B configuration costs no RAM for weights."""
-    with torch.device("meta"):
-        model = DbrxModel(config)
-    return model.to(dtype).to_empty(device=device).eval().requires_grad_(False)
+    return meta_model(config, dtype, weights_format).to_empty(device=device).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def torch_deprecations_hidden():
 
 def export_program(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int,
                    functional: bool = False) -> torch.export.ExportedProgram:
-    param = next(model.parameters())
+    param = model.wte.weight  # the compute dtype (matrices may be stored in another)
     step = (FunctionalStep if functional else CachedStep)(model, spec.moe)
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
     with torch_deprecations_hidden():

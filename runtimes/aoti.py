@@ -58,7 +58,8 @@ class AotiRuntime(ArtifactRuntime):
         if random_weights is None:
             weights = manifest.iter_weights(path, progress=progress)
         else:
-            weights = make_random_weights(self.config, self.dtype, device, seed=random_weights)
+            weights = make_random_weights(self.config, self.dtype, device, seed=random_weights,
+                                          weights_format=manifest.weights_format)
         self.weights = {name: tensor.to(device) for name, tensor in weights}
         self._prefill = self._load_package("prefill")
         # A graph capture needs the package to run on the caller's stream without its own threading.

@@ -10,6 +10,7 @@ from dbrx_aot.checkpoint import load_model
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
+from dbrx_aot.quantize import check_weights_format
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import KVCache, RuntimeBase
 from dbrx_aot.tokenizer import Tokenizer
@@ -27,7 +28,7 @@ class EagerRuntime(RuntimeBase):
         self.model = model
         self.config: DbrxConfig = config
         self.tokenizer = tokenizer
-        param = next(model.parameters())
+        param = model.wte.weight  # the compute dtype (matrices may be stored in another)
         self.device, self.dtype = param.device, param.dtype
         self.batch_size, self.max_seq_len, self.prefill_chunk = batch_size, max_seq_len, prefill_chunk
         self.moe = moe
@@ -37,9 +38,11 @@ class EagerRuntime(RuntimeBase):
 
     @classmethod
     def load(cls, path: Path, device="cpu", dtype=None, batch_size: int = 1, max_seq_len: int | None = None,
-             prefill_chunk: int | None = None, moe: str = "auto", verify_checksums: bool = True,
-             progress: bool = True) -> EagerRuntime:
-        """A Hugging Face checkpoint directory, or an artifact directory (its weights/ and shapes)."""
+             prefill_chunk: int | None = None, moe: str = "auto", weights: str = "same",
+             verify_checksums: bool = True, progress: bool = True) -> EagerRuntime:
+        """A Hugging Face checkpoint directory, or an artifact directory (its weights/, their format,
+        and its shapes). ``weights`` (checkpoints only): how to hold the matrices, as export's
+        ``--weights`` (``int8`` quantises while loading)."""
         from dbrx_aot.manifest import MANIFEST, Manifest  # an artifact carries its own shapes
 
         device = resolve_device(device)
@@ -50,9 +53,12 @@ class EagerRuntime(RuntimeBase):
                 raise DbrxAotError(f"{path}: exported with --skip-weights (compile-only); it has no weights to run")
             manifest.verify_files(path, sorted({f"weights/{f}" for f in manifest.weights.values()}),
                                   checksums=verify_checksums, progress=progress)
+            if weights != "same":
+                raise DbrxAotError(f"{path}: an artifact's weights are already stored as "
+                                   f"{manifest.weights_format}; weights={weights!r} applies to checkpoints")
             dtype = parse_dtype(dtype or manifest.dtype)
-            model = load_model(path, manifest.config, dtype, device,
-                               weights=manifest.iter_weights(path, dtype, progress=progress))
+            model = load_model(path, manifest.config, dtype, device, weights_format=manifest.weights_format,
+                               weights=manifest.iter_weights(path, progress=progress))
             return cls(model, manifest.tokenizer_obj(), batch_size=manifest.batch_size,
                        max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe)
         config = DbrxConfig.from_file(path)
@@ -60,7 +66,7 @@ class EagerRuntime(RuntimeBase):
         max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
         prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
         check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)  # before reading any weight
-        model = load_model(path, config, dtype, device, progress=progress)
+        model = load_model(path, config, dtype, device, progress=progress, weights_format=check_weights_format(weights))
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe)
 

@@ -15,15 +15,15 @@ from dbrx_aot.cli import cli
 from dbrx_aot.errors import DbrxAotError
 
 def test_rowdot_linear_equals_linear():
-    from dbrx_aot.model import DbrxModel, replace_linear_with_rowdot
+    from dbrx_aot.model import DbrxModel, use_rowdot
     from conftest import parity_config
 
     torch.manual_seed(0)
     model = DbrxModel(parity_config("base"))
     x = torch.randn(1, 1, 64)
     expected = [model.blocks[0].attn.Wqkv(x), model.lm_head(x), model.blocks[1].ffn.router(x)]
-    replace_linear_with_rowdot(model)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    use_rowdot(model)
+    assert model.lm_head.rowdot and model.blocks[1].ffn.router.rowdot
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in DbrxModel(parity_config("base")).named_parameters()]
     got = [model.blocks[0].attn.Wqkv(x), model.lm_head(x), model.blocks[1].ffn.router(x)]
     for g, e in zip(got, expected):
