@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -197,6 +197,24 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
                             dtype: torch.dtype = torch.bfloat16, force: bool = False,
                             progress: bool = True) -> Path:
     """A random-weight checkpoint in exactly the hub layout, written atomically."""
+    generator = torch.Generator().manual_seed(seed)
+    return write_checkpoint(out, config, lambda key, shape: random_tensor(key, shape, config, generator),
+                            shards=shards, dtype=dtype, force=force, progress=progress,
+                            desc="writing random weights")
+
+
+def graph_to_hub(model: DbrxModel) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
+    """A tensor source for ``write_checkpoint`` reading a model's own weights (hub key -> tensor)."""
+    params = dict(model.named_parameters())
+    graph_keys = hub_to_graph_keys(model.config)
+    return lambda key, shape: params[graph_keys[key]].detach().reshape(shape)
+
+
+def write_checkpoint(out: Path, config: DbrxConfig, source: Callable[[str, tuple[int, ...]], torch.Tensor],
+                     shards: int = 1, dtype: torch.dtype = torch.bfloat16, force: bool = False,
+                     progress: bool = True, desc: str = "writing weights") -> Path:
+    """A checkpoint in exactly the hub layout (config.json, generation and tokenizer configs,
+    sharded safetensors), each tensor ``source(hub key, hub shape)`` cast to ``dtype``; atomic."""
     out = Path(out)
     if shards < 1:
         raise DbrxAotError(f"--shards={shards}, expected at least 1")
@@ -208,16 +226,15 @@ def write_random_checkpoint(out: Path, config: DbrxConfig, seed: int = 0, shards
         raise DbrxAotError(f"--shards={shards}, expected at most {len(keys)} (the number of tensors)")
     tmp = staging_dir(out)
     try:
-        generator = torch.Generator().manual_seed(seed)
         groups = [keys[i * len(keys) // shards:(i + 1) * len(keys) // shards] for i in range(shards)]
         weight_map, total = {}, 0
-        bar = tqdm(total=len(keys), desc="writing random weights", unit="tensor", disable=not progress)
+        bar = tqdm(total=len(keys), desc=desc, unit="tensor", disable=not progress)
         for n, group in enumerate(groups, 1):
             name = SINGLE_FILE if shards == 1 else f"model-{n:05d}-of-{shards:05d}.safetensors"
             specs = [(key, shapes[key], dtype) for key in group]
             with StreamingWriter(tmp / name, specs) as writer:
                 for key in group:
-                    tensor = random_tensor(key, shapes[key], config, generator).to(dtype)
+                    tensor = source(key, shapes[key]).to(dtype)
                     writer.write(key, tensor)
                     total += tensor.numel() * tensor.element_size()
                     weight_map[key] = name

@@ -189,7 +189,12 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
               help="The artifact directory to write.")
 @click.option("--format", "formats", default="aoti", show_default=True, help="aoti, onnx, or aoti,onnx.")
 @DEVICE_OPTION
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="The compute dtype.")
+@click.option("--weights", "weights_format", default="same", show_default=True,
+              type=click.Choice(["same", "bfloat16", "int8"]),
+              help="How the matrices are stored and read: as --dtype, bf16 (with --dtype float32: the CPU "
+                   "fast path, exact to the released bf16 weights), or int8 per output channel.")
 @click.option("--batch-size", default=1, show_default=True, help="B: rows per call (static).")
 @click.option("--max-seq-len", default=None, type=int, help="S: cache slots per row [default: min(model, 4096)].")
 @click.option("--prefill-chunk", default=None, type=int, help="P: tokens per prefill call [default: min(S, 64)].")
@@ -202,14 +207,15 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--layers", default=None, type=int, help="With --preset: only N layers at its widths (a slice).")
 @common_options
 @handles_errors
-def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, batch_size: int,
-               max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool, skip_weights: bool,
-               preset_name: str | None, layers: int | None) -> None:
+def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, weights_format: str,
+               batch_size: int, max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool,
+               skip_weights: bool, preset_name: str | None, layers: int | None) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
     Examples:
       dbrx-aot export build/tiny -o build/artifact --format aoti,onnx --max-seq-len 2048 --prefill-chunk 64
+      dbrx-aot export build/tiny -o build/artifact-int8 --format aoti,onnx --weights int8
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
       dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
     """
@@ -223,7 +229,8 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
         raise DbrxAotError("export: give a CHECKPOINT or --preset, not both")
     if layers is not None and preset_name is None:
         raise DbrxAotError("export: --layers goes with --preset (a checkpoint's config.json fixes its layers)")
-    report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype, batch_size=batch_size,
+    report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype,
+                             weights_format=weights_format, batch_size=batch_size,
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
                              skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
@@ -339,20 +346,39 @@ def serve_cmd(path: Path, runtime: str, device: str, host: str, port: int, max_q
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path),
               help="A text file, one prompt per line (default: a built-in varied set).")
 @click.option("--steps", default=32, show_default=True, help="Decode steps compared after each prompt.")
+@click.option("--reference", default=None, type=click.Path(path_type=Path),
+              help="The original checkpoint: with --text, also measure held-out perplexity against it.")
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text file(s) for --reference; repeatable.")
+@click.option("--max-perplexity-increase", default=None, type=float, metavar="FRACTION",
+              help="With --reference: exit 1 when a runtime's perplexity exceeds the reference's by more "
+                   "(0.01 = 1%%).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @common_options
 @handles_errors
 def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file: Path | None, steps: int,
+               reference: Path | None, texts: tuple[Path, ...], max_perplexity_increase: float | None,
                as_json: bool) -> None:
     """Compare every runtime of an artifact with the eager model; exit 1 outside the tolerance table.
 
+    With --reference and --text, also score held-out text: each runtime's perplexity next to the
+    original checkpoint's (the quality of int8 or bf16 weights, not only their equivalence).
+
     \b
-    Example:
+    Examples:
       dbrx-aot verify build/artifact --runtime all --steps 32
+      dbrx-aot verify build/ref-int8 --reference reference/dbrx-stdlib --text held-out.py
     """
+    import dataclasses
     import json
 
     from dbrx_aot.verify import format_table, to_json, verify
+
+    if bool(reference) != bool(texts):
+        raise DbrxAotError("verify: --reference and --text go together (the original checkpoint, and the "
+                           "held-out text to score)")
+    if max_perplexity_increase is not None and reference is None:
+        raise DbrxAotError("verify: --max-perplexity-increase needs --reference and --text")
 
     prompts = None
     if prompts_file is not None:
@@ -365,8 +391,27 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
     names = None if "all" in runtimes else list(runtimes)
     result = verify(path, names, prompts, steps, device=device, verify_checksums=verify_checksums(),
                     progress=progress_enabled())
-    click.echo(json.dumps(to_json(result), indent=2) if as_json else format_table(result))
-    if not result.within_tolerance:
+    quality = None
+    if reference is not None:
+        from dbrx_aot.quality import format_quality, held_out_quality
+
+        quality = held_out_quality(path, reference, list(texts), names, device=device,
+                                   verify_checksums=verify_checksums(), progress=progress_enabled())
+    if as_json:
+        data = to_json(result)
+        if quality is not None:
+            data["quality"] = dataclasses.asdict(quality)
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(format_table(result))
+        if quality is not None:
+            click.echo(format_quality(quality, result.dtype))
+    too_far = (quality is not None and max_perplexity_increase is not None
+               and quality.worst_change() > max_perplexity_increase)
+    if too_far:
+        click.echo(f"perplexity {quality.worst_change():+.2%} vs the reference: more than "
+                   f"--max-perplexity-increase {max_perplexity_increase:g}", err=True)
+    if not result.within_tolerance or too_far:
         sys.exit(1)
 
 

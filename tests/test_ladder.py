@@ -104,3 +104,29 @@ def test_long_and_ragged_prompts(loaded, runtime, moe):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_two_caches_do_not_interfere(loaded, runtime):
     check_two_caches(loaded(runtime, "auto")[0])
+
+
+@pytest.fixture(scope="module")
+def loaded_formats(weight_artifacts):
+    """(runtime under test, eager) on the artifacts whose weights are int8 or bf16-stored."""
+    cache = {}
+
+    def get(runtime, name):
+        if (runtime, name) not in cache:
+            cache[runtime, name] = (dbrx_aot.load_runtime(weight_artifacts[name], runtime, progress=False),
+                                    dbrx_aot.load_runtime(weight_artifacts[name], "eager", progress=False))
+        return cache[runtime, name]
+
+    return get
+
+
+@pytest.mark.parametrize("runtime, name", [("aoti", "int8"), ("onnxruntime", "int8"), ("aoti", "int8-b1"),
+                                           ("aoti", "bfloat16"), ("onnxruntime", "bfloat16")])
+def test_weight_formats_climb_the_same_ladder(loaded_formats, runtime, name):
+    """The eager model on an int8 (or bf16-stored) artifact is the exact reference for its compiled
+    graphs: the fp32 bar, prefill and 32 decode steps (dense prefill, gather decode, the row-dot form
+    at batch 1)."""
+    rt, eager = loaded_formats(runtime, name)
+    check_prefill_and_decode(rt, eager, atol=TOLERANCE[(runtime, torch.float32)])
+    if rt.batch_size > 1:
+        check_long_and_ragged_prompts(rt, eager)
