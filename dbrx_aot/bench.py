@@ -70,16 +70,21 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return nbytes / min(best_seconds(device, src.sum, repeats), best_seconds(device, lambda: rows @ vector, repeats))
 
 
-def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str, itemsize: int) -> dict[str, int]:
-    """Bytes one decode step must read, by part."""
+def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str, itemsize: int,
+                 weights_format: str = "same") -> dict[str, int]:
+    """Bytes one decode step must read, by part. ``itemsize``: the compute dtype's (cache, norms,
+    router, embedding); the matrices are read as stored (``weights_format``): bf16 2 bytes, int8 1
+    byte plus an fp32 scale per output channel."""
     D, F, E, k, V = config.d_model, config.ffn_hidden_size, config.moe_num_experts, config.moe_top_k, config.vocab_size
-    L = config.n_layers
+    L, qkv = config.n_layers, config.qkv_size
+    m = {"same": itemsize, "bfloat16": 2, "int8": 1}[weights_format]  # bytes per matrix element
+    s = 4 if weights_format == "int8" else 0                             # bytes per output channel
     experts = E if moe == "dense" else min(E, batch_size * k)  # gather reads at most B*k distinct experts
     return {
-        "attention": L * (config.qkv_size * D + D * D) * itemsize,
-        "experts": L * experts * 3 * F * D * itemsize,
+        "attention": L * ((qkv * D + D * D) * m + (qkv + D) * s),
+        "experts": L * experts * (3 * F * D * m + (2 * F + D) * s),
         "router_norms": L * (E * D + 2 * D) * itemsize + D * itemsize,
-        "lm_head": V * D * itemsize,
+        "lm_head": V * D * m + V * s,
         "embedding_rows": batch_size * D * itemsize,
         "kv_cache": 2 * L * batch_size * config.kv_n_heads * max_seq_len * config.head_dim * itemsize,
     }
@@ -194,7 +199,9 @@ def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: i
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     result = bench_runtime(rt, prompt_len, new_tokens)
-    parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize)
+    shapes = load_manifest_or_none(path)
+    weights_format = shapes["weights_format"] if shapes else "same"
+    parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize, weights_format)
     step_bytes = sum(parts.values())
     result.update({
         "pid": os.getpid(),
@@ -222,7 +229,8 @@ def load_manifest_or_none(path: Path) -> dict | None:
         return None
     m = Manifest.read(Path(path))
     return {"batch_size": m.batch_size, "max_seq_len": m.max_seq_len, "prefill_chunk": m.prefill_chunk,
-            "dtype": m.dtype, "moe_modes": m.moe_modes}
+            "dtype": m.dtype, "weights_format": m.weights_format, "onnx_accuracy_level": m.onnx_accuracy_level,
+            "moe_modes": m.moe_modes}
 
 
 def format_table(report: dict) -> str:
@@ -232,6 +240,10 @@ def format_table(report: dict) -> str:
              f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
              f"(torch {report['torch']}, {report['threads']} threads)",
              "RSS: each runtime's own process after the run (each runs in a fresh process)",
+             *([f"weights stored as {report['shapes']['weights_format']}, computed in {report['shapes']['dtype']}"
+                + (f"; onnxruntime MatMulNBits accuracy level {report['shapes']['onnx_accuracy_level']}"
+                   if report['shapes']['onnx_accuracy_level'] is not None else "")]
+               if report["shapes"] else []),
              header, "-" * len(header)]
     base = report["results"].get("eager", {}).get("decode_tokens_per_s")
     for name, r in report["results"].items():

@@ -195,6 +195,9 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
               type=click.Choice(["same", "bfloat16", "int8"]),
               help="How the matrices are stored and read: as --dtype, bf16 (with --dtype float32: the CPU "
                    "fast path, exact to the released bf16 weights), or int8 per output channel.")
+@click.option("--onnx-accuracy-level", default=None, type=click.Choice(["4"]),
+              help="With --weights int8: the ONNX linear layers as onnxruntime's MatMulNBits with int8 "
+                   "activations (faster on CPU, not exact: its own tolerance row) [default: dequantised, exact].")
 @click.option("--batch-size", default=1, show_default=True, help="B: rows per call (static).")
 @click.option("--max-seq-len", default=None, type=int, help="S: cache slots per row [default: min(model, 4096)].")
 @click.option("--prefill-chunk", default=None, type=int, help="P: tokens per prefill call [default: min(S, 64)].")
@@ -208,8 +211,8 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @common_options
 @handles_errors
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, weights_format: str,
-               batch_size: int, max_seq_len: int | None, prefill_chunk: int | None, moe: str, force: bool,
-               skip_weights: bool, preset_name: str | None, layers: int | None) -> None:
+               onnx_accuracy_level: str | None, batch_size: int, max_seq_len: int | None, prefill_chunk: int | None,
+               moe: str, force: bool, skip_weights: bool, preset_name: str | None, layers: int | None) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
@@ -231,6 +234,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
         raise DbrxAotError("export: --layers goes with --preset (a checkpoint's config.json fixes its layers)")
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype,
                              weights_format=weights_format, batch_size=batch_size,
+                             onnx_accuracy_level=None if onnx_accuracy_level is None else int(onnx_accuracy_level),
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
                              skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
@@ -454,21 +458,38 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
+              help="Instead of an artifact: the memory plan of this configuration in every weight format.")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="With --preset: the compute dtype (the KV cache's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @common_options
 @handles_errors
-def inspect_cmd(path: Path, as_json: bool) -> None:
-    """What an artifact holds, and whether this environment can load it (and if not, why).
+def inspect_cmd(path: Path | None, preset_name: str | None, dtype: str, as_json: bool) -> None:
+    """What an artifact holds, and whether this environment can load it (and if not, why); or, with
+    --preset, the memory plan: bytes per component in each weight format and the KV cache an H100
+    or H200 has left beside the weights.
 
     \b
-    Example:
+    Examples:
       dbrx-aot inspect build/artifact
+      dbrx-aot inspect --preset dbrx-132b --dtype bfloat16
     """
     import json
 
-    from dbrx_aot.inspection import describe, format_text
+    from dbrx_aot.config import preset
+    from dbrx_aot.inspection import describe, format_plan, format_text, memory_plan
+    from dbrx_aot.quantize import WEIGHT_FORMATS
 
+    if (path is None) == (preset_name is None):
+        raise DbrxAotError("inspect: give an artifact PATH or --preset NAME (one of them)")
+    if preset_name is not None:
+        config = preset(preset_name)
+        plans = [memory_plan(config, dtype, fmt) for fmt in WEIGHT_FORMATS
+                 if not (fmt == "bfloat16" and dtype != "float32")]  # bf16 storage is for fp32 compute
+        click.echo(json.dumps(plans, indent=2) if as_json else format_plan(config, plans))
+        return
     info = describe(path)
     click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
 

@@ -1,4 +1,5 @@
-"""``inspect``: what an artifact's manifest says, and whether this environment can load each runtime."""
+"""``inspect``: what an artifact's manifest says, whether this environment can load each runtime, and
+the memory plan: bytes per component in each weight format, and how much KV cache a GPU has left."""
 
 from __future__ import annotations
 
@@ -6,7 +7,63 @@ from pathlib import Path
 
 import torch
 
+from dbrx_aot.checkpoint import stored_specs
+from dbrx_aot.config import DbrxConfig, parse_dtype
 from dbrx_aot.manifest import Manifest
+from dbrx_aot.quantize import WEIGHT_FORMATS
+
+# Parameter name -> component (first match wins).
+COMPONENTS = (("embedding", ("wte.",)), ("attention", (".attn.",)), ("experts", (".ffn.w1", ".ffn.v1", ".ffn.w2")),
+              ("router + norms", (".router.", "norm")), ("lm_head", ("lm_head.",)))
+# Devices a plan is drawn for: what torch reports as usable on each (GiB), and what is kept back for
+# the CUDA context, activations and workspaces.
+DEVICES_GIB = {"H100 80GB": 78.0, "H200 141GB": 139.0}
+RESERVE_GIB = 3.0
+GIB = 1 << 30
+
+
+def memory_plan(config: DbrxConfig, dtype: str, weights_format: str) -> dict:
+    """Bytes of each component as stored (read off the meta-device model: exact), the KV cache per
+    token, and per device the tokens of KV cache left beside the weights."""
+    parts = {name: 0 for name, _ in COMPONENTS}
+    for key, (shape, dt) in stored_specs(config, parse_dtype(dtype), weights_format).items():
+        part = next(name for name, marks in COMPONENTS if any(m in key for m in marks))
+        n = dt.itemsize
+        for size in shape:
+            n *= size
+        parts[part] += n
+    total = sum(parts.values())
+    kv = 2 * config.n_layers * config.kv_n_heads * config.head_dim * parse_dtype(dtype).itemsize
+    devices = {}
+    for device, gib in DEVICES_GIB.items():
+        left = gib * GIB - RESERVE_GIB * GIB - total
+        devices[device] = {"fits": left > 0, "kv_tokens": max(0, int(left // kv))}
+    return {"weights_format": weights_format, "dtype": dtype, "bytes": parts, "total_bytes": total,
+            "kv_bytes_per_token": kv, "devices": devices}
+
+
+def format_plan(config: DbrxConfig, plans: list[dict], seq_lens=(4096, 32768)) -> str:
+    lines = [f"memory plan: {config.param_count() / 1e9:.3g}B parameters; KV cache "
+             f"{plans[0]['kv_bytes_per_token'] / 1024:.0f} KiB per token ({plans[0]['dtype']}); each GPU keeps "
+             f"{RESERVE_GIB:g} GiB back for the CUDA context and activations"]
+    names = [name for name, _ in COMPONENTS]
+    header = f"{'weights':<9} " + " ".join(f"{n:>14}" for n in names) + f" {'total':>9}"
+    lines += [header + "  " + "  ".join(f"{d:>28}" for d in DEVICES_GIB), "-" * (len(header) + 30 * len(DEVICES_GIB))]
+    for plan in plans:
+        row = f"{plan['weights_format']:<9} " + " ".join(f"{_gb(plan['bytes'][n]):>14}" for n in names)
+        row += f" {_gb(plan['total_bytes']):>9}"
+        for device in DEVICES_GIB:
+            fit = plan["devices"][device]
+            cell = ("does not fit" if not fit["fits"] else
+                    f"{fit['kv_tokens']:,} tok: " + ", ".join(f"{fit['kv_tokens'] // s} x {s // 1024}k"
+                                                             for s in seq_lens))
+            row += f"  {cell:>28}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def loadability(manifest: Manifest, root: Path) -> dict[str, str | None]:
@@ -55,6 +112,9 @@ def describe(path: Path) -> dict:
                           {k: g[k] for k in ("aoti", "onnx") if k in g}} for name, g in m.graphs.items()},
         "files": {rel: info["bytes"] for rel, info in m.files.items()},
         "total_bytes": sum(info["bytes"] for info in m.files.values()),
+        "weights_format": m.weights_format,
+        "onnx_accuracy_level": m.onnx_accuracy_level,
+        "memory_plan": memory_plan(m.config, m.dtype, m.weights_format),
         "loadable_here": loadability(m, root),
     }
 
@@ -69,6 +129,10 @@ def format_text(info: dict) -> str:
         f"built for     {info['device']}, {info['dtype']}, B={info['shapes']['batch_size']} "
         f"S={info['shapes']['max_seq_len']} P={info['shapes']['prefill_chunk']}, MoE {info['moe']['requested']} "
         f"(prefill {info['moe']['prefill']}, decode {info['moe']['decode']})",
+        f"weights       stored as {info['weights_format']}" + (
+            f"; ONNX linear layers as MatMulNBits, accuracy level {info['onnx_accuracy_level']}"
+            if info["onnx_accuracy_level"] is not None else "") + ": " + ", ".join(
+            f"{part} {_gb(n)}" for part, n in info["memory_plan"]["bytes"].items()),
         "built with    " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v),
         "graphs",
     ]

@@ -44,6 +44,7 @@ class Manifest:
     tokenizer: dict
     files: dict[str, dict]            # relative path -> {"sha256": ..., "bytes": ...}
     weights_format: str = "same"      # how the matrices are stored: same (as dtype), bfloat16, int8
+    onnx_accuracy_level: int | None = None  # int8 ONNX linear layers as MatMulNBits at this level (4)
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -51,13 +51,15 @@ class Tolerance:
             assert baseline is not None
             return (result["mean_kl"] <= self.kl_factor * baseline["mean_kl"] + self.max_kl
                     and result["top1_agreement"] >= baseline["top1_agreement"] - self.top1_margin)
-        return (result["max_abs_error"] <= self.max_abs and result["top1_agreement"] >= self.min_top1
-                and result["mean_kl"] <= self.max_kl)
+        return ((self.max_abs is None or result["max_abs_error"] <= self.max_abs)
+                and result["top1_agreement"] >= self.min_top1 and result["mean_kl"] <= self.max_kl)
 
     def describe(self, dtype: str) -> str:
         if self.relative:
             return (f"KL <= {self.kl_factor:g}x eager {dtype}'s + {self.max_kl:g}, "
                     f"top-1 >= eager {dtype}'s - {self.top1_margin:.0%}")
+        if self.max_abs is None:
+            return f"KL <= {self.max_kl:g}, top-1 >= {self.min_top1:.0%}"
         return f"max {self.max_abs:g}"
 
 
@@ -66,6 +68,7 @@ class Tolerance:
 # the tiny preset, CPU: bf16 eager KL 2.8e-4 / top-1 95.6%, bf16 aoti 6.9e-5 / 97.3%; fp16 eager and
 # aoti KL 2.7e-5 / 99.5%, fp16 onnxruntime 4e-7): 2x its KL and 2 points of top-1 leave room for
 # another kernel's rounding without admitting a wrong graph (which is orders of magnitude off).
+INT8_ACTIVATIONS = "float32, int8 activations"
 _BF16 = Tolerance(max_abs=None, min_top1=None, max_kl=1e-5, kl_factor=2.0, top1_margin=0.02)
 _FP16 = Tolerance(max_abs=None, min_top1=None, max_kl=1e-6, kl_factor=2.0, top1_margin=0.02)
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
@@ -79,6 +82,10 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("eager", "float16"): _FP16,
     ("aoti", "float16"): _FP16,
     ("onnxruntime", "float16"): _FP16,
+    # int8 artifacts exported with --onnx-accuracy-level 4: MatMulNBits quantises the activations to
+    # int8 per block (~0.7% relative error per matmul), which the eager model on the same weights
+    # does not. Measured on the tiny preset: KL 3.8e-5, top-1 96.6%; a wrong graph is far beyond.
+    ("onnxruntime", INT8_ACTIVATIONS): Tolerance(max_abs=None, min_top1=0.9, max_kl=1e-3),
 }
 
 DEFAULT_PROMPTS = [
@@ -89,7 +96,9 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def tolerance(runtime: str, dtype: str) -> Tolerance:
+def tolerance(runtime: str, dtype: str, onnx_accuracy_level: int | None = None) -> Tolerance:
+    if runtime == "onnxruntime" and onnx_accuracy_level == 4:
+        return TOLERANCES[(runtime, INT8_ACTIVATIONS)]
     if (runtime, dtype) in TOLERANCES:
         return TOLERANCES[(runtime, dtype)]
     return TOLERANCES[("aoti", dtype)]  # a third-party runtime is held to the compiled-runtime bar
@@ -228,7 +237,7 @@ def verify(path: Path, runtimes: list[str] | None = None, prompts: list[str] | N
             skipped[name] = str(err)
             continue
         result = compare(runtime, reference, ids, steps)
-        tol = tolerance(name, manifest.dtype)
+        tol = tolerance(name, manifest.dtype, manifest.onnx_accuracy_level)
         reports.append(RuntimeReport(runtime=name, reference="eager float32", greedy_steps=steps, tolerance=tol,
                                      within_tolerance=tol.admits(result, baseline), **result))
         del runtime

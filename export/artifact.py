@@ -62,12 +62,14 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 
 def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
                     batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                    moe: str = "auto", weights_format: str = "same", force: bool = False,
+                    moe: str = "auto", weights_format: str = "same", onnx_accuracy_level: int | None = None,
+                    force: bool = False,
                     skip_weights: bool = False, config: DbrxConfig | None = None,
                     progress: bool = True) -> ExportReport:
     """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
 
-    ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py).
+    ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py);
+    ``onnx_accuracy_level`` (int8 only): the ONNX linear layers as MatMulNBits at that level.
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
     will do (compile-only: the result holds no weights and cannot run).
@@ -84,6 +86,15 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     if weights_format == "bfloat16" and torch_dtype != torch.float32:
         raise DbrxAotError(f"--weights bfloat16 goes with --dtype float32 (bf16 storage, fp32 compute); with "
                            f"--dtype {dtype} use --weights same")
+    if onnx_accuracy_level is not None:
+        from dbrx_aot.export.onnx import ONNX_ACCURACY_LEVELS
+
+        if weights_format != "int8" or "onnx" not in formats or torch_dtype != torch.float32:
+            raise DbrxAotError("--onnx-accuracy-level goes with --weights int8, --format onnx and --dtype float32 "
+                               "(it picks how the ONNX graphs multiply int8 weights)")
+        if onnx_accuracy_level not in ONNX_ACCURACY_LEVELS:
+            raise DbrxAotError(f"--onnx-accuracy-level {onnx_accuracy_level}: expected "
+                               f"{', '.join(map(str, ONNX_ACCURACY_LEVELS))}")
     dev = resolve_device(device)
     max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
     prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
@@ -123,7 +134,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
             for name in GRAPHS:
                 with stage(f"onnx {name}: export", timings, bar):
-                    graphs[name]["onnx"] = export_onnx(model, specs[name], batch_size, max_seq_len, tmp, weights)
+                    graphs[name]["onnx"] = export_onnx(model, specs[name], batch_size, max_seq_len, tmp, weights,
+                                                       onnx_accuracy_level)
                 graphs[name]["onnx_outputs"] = io_description(config, specs[name], batch_size, max_seq_len,
                                                               torch_dtype, functional=True)["outputs"]
         del model
@@ -138,6 +150,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             dtype=str(torch_dtype).removeprefix("torch."), batch_size=batch_size, max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
             formats=list(formats), graphs=graphs, weights=weights, weights_format=weights_format,
+            onnx_accuracy_level=onnx_accuracy_level,
             tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
                        "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},
             files=files)

@@ -8,10 +8,18 @@ and each initializer then becomes a reference (location, offset, length) into th
 safetensors files: the weights are stored once, whatever formats the artifact carries. The
 graphs sit at the artifact's root because onnxruntime refuses external data outside the model's
 own directory.
+
+int8 artifacts (``--weights int8``): the graph dequantises what it reads (exact to the eager model;
+onnxruntime folds the dequantisation of whole matrices into fp32 constants when it loads them). With
+``accuracy_level=4`` the linear layers (Wqkv, out_proj, lm_head) become onnxruntime's
+``com.microsoft::MatMulNBits`` with bits=8 instead, which reads the very same uint8 ``q + 128``
+bytes and quantises the activations to int8 per block (``MatMulNBitsLinear``, swapped in by
+``use_matmulnbits`` for the ONNX export only; AOTInductor never sees the custom op).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -21,7 +29,8 @@ import torch
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import WEIGHTS_DIR
 from dbrx_aot.export.trace import GraphSpec, example_inputs
-from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep
+from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep, Int8Linear
+from dbrx_aot.quantize import INT8_ZERO_POINT
 from dbrx_aot.safetensors_io import byte_ranges
 
 INPUT_NAMES = ["tokens", "positions", "k_cache", "v_cache"]
@@ -29,8 +38,11 @@ OUTPUT_NAMES = ["logits", "new_k", "new_v"]
 OPSET = 18
 
 
+ONNX_ACCURACY_LEVELS = (4,)  # MatMulNBits with int8 activations; levels 0-3 run ~30x slower on CPU
+
+
 def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, root: Path,
-                weights: dict[str, str]) -> str:
+                weights: dict[str, str], accuracy_level: int | None = None) -> str:
     """Write ``root/{spec.name}.onnx``; returns its path relative to ``root``."""
     import onnx
     import onnx_ir as ir
@@ -39,11 +51,16 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
         raise DbrxAotError("--skip-weights works with --format aoti only: ONNX graphs point into weights/")
     param = model.wte.weight  # the compute dtype (matrices may be stored in another)
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
+    table = {}
+    if accuracy_level is not None:
+        # A structural copy sharing the same parameters (no weight is copied).
+        model = use_matmulnbits(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}), accuracy_level)
+        table = {torch.ops.dbrx_aot.int8_linear.default: int8_linear_onnx}
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(FunctionalStep(model, spec.moe), args, dynamo=True, optimize=False,
                                     opset_version=OPSET, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                                    verbose=False)
+                                    custom_translation_table=table, verbose=False)
     ranges = {}
     for file in sorted(set(weights.values())):
         for name, (offset, length) in byte_ranges(root / WEIGHTS_DIR / file).items():
@@ -64,6 +81,72 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
     ir.save(program.model, str(out))
     onnx.checker.check_model(str(out), full_check=True)
     return out.name
+
+
+@torch.library.custom_op("dbrx_aot::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, accuracy_level: int) -> torch.Tensor:
+    """``Int8Linear``'s math as one op, so the ONNX export can map it to MatMulNBits."""
+    return torch.nn.functional.linear(x, weight.to(x.dtype) - INT8_ZERO_POINT) * scale.to(x.dtype)
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x, weight, scale, accuracy_level):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class MatMulNBitsLinear(Int8Linear):
+    """An Int8Linear (same parameters, same names) that exports as MatMulNBits."""
+
+    accuracy_level = 4
+
+    def forward(self, x):
+        return torch.ops.dbrx_aot.int8_linear(x, self.weight, self.scale, self.accuracy_level)
+
+
+def use_matmulnbits(module: torch.nn.Module, accuracy_level: int) -> torch.nn.Module:
+    """Every Int8Linear below ``module`` becomes a MatMulNBitsLinear at ``accuracy_level``, in place."""
+    for child in module.modules():
+        if type(child) is Int8Linear:
+            matmul_block_size(child.weight.shape[1])  # refuse a width MatMulNBits cannot block
+            child.__class__ = MatMulNBitsLinear
+            child.accuracy_level = accuracy_level
+    return module
+
+
+def matmul_block_size(K: int) -> int:
+    """MatMulNBits' block along K: the largest of 256, 128, 64, 32, 16 dividing K (the CPU kernel
+    takes no other); the per-channel scale is repeated over the K / block blocks."""
+    for block in (256, 128, 64, 32, 16):
+        if K % block == 0:
+            return block
+    raise DbrxAotError(f"--onnx-accuracy-level: d_model {K} is not a multiple of 16 (MatMulNBits blocks)")
+
+
+def _matmulnbits_op():
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    # The contrib op's schema (onnx does not register com.microsoft's): what onnxscript needs to emit it.
+    param = OpSchema.FormalParameter
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")], outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, "")
+                    for name in ("K", "N", "bits", "block_size", "accuracy_level")])
+    return Op(Opset("com.microsoft", 1), "MatMulNBits", schema)
+
+
+def int8_linear_onnx(x, weight, scale, accuracy_level: int):
+    """MatMulNBits(x, B [N, K/bs, bs] = the stored [N, K] uint8 bytes, scales [N * K/bs])."""
+    from onnxscript import opset18 as op
+
+    N, K = weight.shape
+    bs = matmul_block_size(K)
+    b = op.Reshape(weight, op.Constant(value_ints=[N, K // bs, bs]))
+    scales = op.Reshape(op.Expand(op.Unsqueeze(scale, op.Constant(value_ints=[1])),
+                                  op.Constant(value_ints=[N, K // bs])), op.Constant(value_ints=[N * (K // bs)]))
+    return _matmulnbits_op()(x, b, scales, K=K, N=N, bits=8, block_size=bs, accuracy_level=accuracy_level)
 
 
 def _numel(shape) -> int:
