@@ -66,7 +66,7 @@ gpu-wheels:
 		--platform manylinux_2_17_x86_64 --platform any -d build/wheels $(GPU_WHEELS)
 
 # The quality oracle (scripts/train_reference.py): a small DBRX trained on the Python standard
-# library, committed in reference/. Retraining rewrites it (~16 min on 2 cores). glibc keeps freed
+# library, committed in reference/. Retraining rewrites it (~30 min on 2 cores). glibc keeps freed
 # memory instead of returning each step's 0.8 GB of logits to the kernel (1.45x faster steps).
 REFERENCE_DIR ?= reference/dbrx-stdlib
 reference: setup

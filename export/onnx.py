@@ -9,12 +9,15 @@ safetensors files: the weights are stored once, whatever formats the artifact ca
 graphs sit at the artifact's root because onnxruntime refuses external data outside the model's
 own directory.
 
-int8 artifacts (``--weights int8``): the graph dequantises what it reads (exact to the eager model;
-onnxruntime folds the dequantisation of whole matrices into fp32 constants when it loads them). With
-``accuracy_level=4`` the linear layers (Wqkv, out_proj, lm_head) become onnxruntime's
-``com.microsoft::MatMulNBits`` with bits=8 instead, which reads the very same uint8 ``q + 128``
-bytes and quantises the activations to int8 per block (``MatMulNBitsLinear``, swapped in by
-``use_matmulnbits`` for the ONNX export only; AOTInductor never sees the custom op).
+The ONNX export runs the model in the forms onnxruntime's kernels favour (``onnx_forms``; the same
+math and the same parameters, each form tested against the module it replaces): the gathered
+experts as batched matmuls; int8 experts dequantised by one ``DequantizeLinear`` (onnxruntime runs
+a cast and a subtraction as two slow passes, and folds them into fp32 copies of whole matrices at
+load; it leaves DequantizeLinear alone); with ``accuracy_level=4`` the linear layers (Wqkv,
+out_proj, lm_head) as ``com.microsoft::MatMulNBits`` with bits=8, which reads the very same uint8
+``q + 128`` bytes and quantises the activations to int8 per block. Without it the int8 linear
+layers are dequantised exactly (onnxruntime folds them into fp32 constants when it loads them).
+AOTInductor never sees these custom ops.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import WEIGHTS_DIR
 from dbrx_aot.export.trace import GraphSpec, example_inputs
-from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep, Int8Linear
+from dbrx_aot.model import STEP_PREFIX, DbrxModel, FunctionalStep, Int8Linear, Int8MoE, MoE
 from dbrx_aot.quantize import INT8_ZERO_POINT
 from dbrx_aot.safetensors_io import byte_ranges
 
@@ -51,11 +54,10 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
         raise DbrxAotError("--skip-weights works with --format aoti only: ONNX graphs point into weights/")
     param = model.wte.weight  # the compute dtype (matrices may be stored in another)
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
-    table = {}
-    if accuracy_level is not None:
-        # A structural copy sharing the same parameters (no weight is copied).
-        model = use_matmulnbits(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}), accuracy_level)
-        table = {torch.ops.dbrx_aot.int8_linear.default: int8_linear_onnx}
+    # A structural copy sharing the same parameters (no weight is copied).
+    model = onnx_forms(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}), accuracy_level)
+    table = {torch.ops.dbrx_aot.int8_linear.default: int8_linear_onnx,
+             torch.ops.dbrx_aot.dequantize_uint8.default: dequantize_uint8_onnx}
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(FunctionalStep(model, spec.moe), args, dynamo=True, optimize=False,
@@ -103,10 +105,33 @@ class MatMulNBitsLinear(Int8Linear):
         return torch.ops.dbrx_aot.int8_linear(x, self.weight, self.scale, self.accuracy_level)
 
 
-def use_matmulnbits(module: torch.nn.Module, accuracy_level: int) -> torch.nn.Module:
-    """Every Int8Linear below ``module`` becomes a MatMulNBitsLinear at ``accuracy_level``, in place."""
+@torch.library.custom_op("dbrx_aot::dequantize_uint8", mutates_args=())
+def dequantize_uint8(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Int8MoE.weight``'s math as one op (u - 128 in ``dtype``), exported as one DequantizeLinear."""
+    return u.to(dtype) - INT8_ZERO_POINT
+
+
+@dequantize_uint8.register_fake
+def _dequantize_uint8_shape(u, dtype):
+    return u.new_empty(u.shape, dtype=dtype)
+
+
+class DequantizeLinearMoE(Int8MoE):
+    """An Int8MoE (same parameters) whose expert weights are dequantised by one op."""
+
+    def weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.dbrx_aot.dequantize_uint8(w, dtype)
+
+
+def onnx_forms(module: torch.nn.Module, accuracy_level: int | None) -> torch.nn.Module:
+    """The forms of the model the ONNX export traces, in place: batched matmuls for gathered experts,
+    DequantizeLinear for int8 experts, and (with ``accuracy_level``) MatMulNBits for int8 linear layers."""
     for child in module.modules():
-        if type(child) is Int8Linear:
+        if isinstance(child, MoE):
+            child.gather_matmul = True
+        if type(child) is Int8MoE:
+            child.__class__ = DequantizeLinearMoE
+        if type(child) is Int8Linear and accuracy_level is not None:
             matmul_block_size(child.weight.shape[1])  # refuse a width MatMulNBits cannot block
             child.__class__ = MatMulNBitsLinear
             child.accuracy_level = accuracy_level
@@ -147,6 +172,14 @@ def int8_linear_onnx(x, weight, scale, accuracy_level: int):
     scales = op.Reshape(op.Expand(op.Unsqueeze(scale, op.Constant(value_ints=[1])),
                                   op.Constant(value_ints=[N, K // bs])), op.Constant(value_ints=[N * (K // bs)]))
     return _matmulnbits_op()(x, b, scales, K=K, N=N, bits=8, block_size=bs, accuracy_level=accuracy_level)
+
+
+def dequantize_uint8_onnx(u, dtype: int):
+    """DequantizeLinear(u, scale 1, zero point 128): u - 128 exactly, in one pass (float32 out)."""
+    from onnxscript import opset18 as op
+
+    out = op.DequantizeLinear(u, op.Constant(value_float=1.0), op.Cast(op.Constant(value_int=INT8_ZERO_POINT), to=2))
+    return out if dtype == 1 else op.Cast(out, to=dtype)
 
 
 def _numel(shape) -> int:

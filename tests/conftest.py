@@ -105,13 +105,15 @@ def half_artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def weight_artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """The tiny preset with its matrices stored as int8 (batch 2, both formats; batch 1, aoti only:
-    the row-dot decode form) and as bf16 computed in fp32 (batch 1, both formats)."""
+    the row-dot decode form; batch 1, ONNX through MatMulNBits with int8 activations) and as bf16
+    computed in fp32 (batch 1, both formats)."""
     from dbrx_aot.export import export_artifact
 
     root = tmp_path_factory.mktemp("weights")
     builds = {"int8": dict(weights_format="int8", batch_size=2, formats=ARTIFACT_FORMATS),
               "int8-b1": dict(weights_format="int8", batch_size=1, formats="aoti"),
-              "bfloat16": dict(weights_format="bfloat16", batch_size=1, formats=ARTIFACT_FORMATS)}
+              "bfloat16": dict(weights_format="bfloat16", batch_size=1, formats=ARTIFACT_FORMATS),
+              "int8-acc4": dict(weights_format="int8", batch_size=1, formats="onnx", onnx_accuracy_level=4)}
     return {name: export_artifact(tiny_checkpoint, root / name, max_seq_len=64, prefill_chunk=8, progress=False,
                                   **options).path
             for name, options in builds.items()}

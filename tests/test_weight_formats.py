@@ -215,3 +215,59 @@ def test_weight_format_errors(tiny_checkpoint, weight_artifacts, tmp_path):
     assert result.exit_code == 2 and "--reference and --text go together" in result.output
     result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "y"), "--weights", "int4"])
     assert result.exit_code == 2 and "int4" in result.output
+    result = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "y"), "--format", "onnx",
+                                      "--onnx-accuracy-level", "4"])
+    assert result.exit_code == 2 and "--onnx-accuracy-level goes with --weights int8" in result.output
+    assert not (tmp_path / "y").exists()
+
+
+def test_onnx_forms_equal_the_modules_they_replace():
+    """What the ONNX export traces (export/onnx.py: onnx_forms) against the model it was made from."""
+    from dbrx_aot.export.onnx import DequantizeLinearMoE, MatMulNBitsLinear, matmul_block_size, onnx_forms
+
+    torch.manual_seed(0)
+    model = DbrxModel(parity_config("base")).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model = replace_weight_format(model, "int8")
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = {moe: logits_of(model, moe, tokens) for moe in ("dense", "gather")}
+        onnx_forms(model, accuracy_level=4)
+        assert type(model.lm_head) is MatMulNBitsLinear and model.lm_head.accuracy_level == 4
+        assert type(model.blocks[0].ffn) is DequantizeLinearMoE and model.blocks[0].ffn.gather_matmul
+        for moe, logits in expected.items():  # the custom ops' own kernels are the same math
+            torch.testing.assert_close(logits_of(model, moe, tokens), logits, atol=1e-5, rtol=1e-5)
+    assert [matmul_block_size(k) for k in (64, 96, 512, 6144)] == [64, 32, 256, 256]
+    with pytest.raises(DbrxAotError, match="not a multiple of 16"):
+        matmul_block_size(40)
+
+
+def test_onnx_int8_activations_artifact_reads_the_same_bytes_and_has_its_own_bar(weight_artifacts):
+    from dbrx_aot.verify import verify
+
+    root = weight_artifacts["int8-acc4"]
+    assert Manifest.read(root).onnx_accuracy_level == 4
+    model = onnx.load(str(root / "decode.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2 * 2 + 1  # Wqkv, out_proj per layer, lm_head
+    assert {a.name: a.i for a in nodes[0].attribute}["bits"] == 8
+    assert all(i.data_type == onnx.TensorProto.UINT8 for i in model.graph.initializer if reduction_dim(i.name[6:]))
+    (report,) = verify(root, steps=8, progress=False).reports
+    assert report.within_tolerance and report.tolerance.min_top1 == 0.9, report
+    assert report.mean_kl > 1e-9  # int8 activations are not exact: the fp32 bar would be the wrong one
+
+
+def test_memory_plan_of_the_released_model():
+    from dbrx_aot.config import preset
+    from dbrx_aot.inspection import memory_plan
+
+    config = preset("dbrx-132b")
+    same, int8 = memory_plan(config, "bfloat16", "same"), memory_plan(config, "bfloat16", "int8")
+    assert same["total_bytes"] == 2 * config.param_count() == 263_193_047_040  # FACTS.md: the released bytes
+    assert not same["devices"]["H200 141GB"]["fits"]
+    assert not int8["devices"]["H100 80GB"]["fits"] and int8["devices"]["H200 141GB"]["fits"]
+    assert int8["kv_bytes_per_token"] == 160 * 1024
+    assert 2 * 32768 <= int8["devices"]["H200 141GB"]["kv_tokens"] < 3 * 32768
+    result = CliRunner().invoke(cli, ["inspect", "--preset", "dbrx-132b"])
+    assert result.exit_code == 0 and "132.29 GB" in result.output and "2 x 32k" in result.output
