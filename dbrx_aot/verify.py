@@ -84,8 +84,11 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("onnxruntime", "float16"): _FP16,
     # int8 artifacts exported with --onnx-accuracy-level 4: MatMulNBits quantises the activations to
     # int8 per block (~0.7% relative error per matmul), which the eager model on the same weights
-    # does not. Measured on the tiny preset: KL 3.8e-5, top-1 96.6%; a wrong graph is far beyond.
-    ("onnxruntime", INT8_ACTIVATIONS): Tolerance(max_abs=None, min_top1=0.9, max_kl=1e-3),
+    # does not. Measured against eager int8 on verify's default prompts: tiny preset (random) KL
+    # 3.8e-5, top-1 96.6%; the trained reference (reference/dbrx-stdlib, out-of-domain prompts for a
+    # model of Python code) KL 6.1e-3, top-1 95.8%. A wrong graph (a swapped expert, a dropped
+    # scale) is at KL ~1. Its quality is measured by held-out perplexity (verify --reference).
+    ("onnxruntime", INT8_ACTIVATIONS): Tolerance(max_abs=None, min_top1=0.9, max_kl=2e-2),
 }
 
 DEFAULT_PROMPTS = [
