@@ -14,8 +14,9 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                preset's artifact (checkpoint + export), and compile-only real-width slices
   tests        pytest -m gpu (outcomes read from its JUnit XML)
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off
-  slice        the real-width slice at each batch size: aoti on random weights made on the device
-               (``bench --random-weights``: no 15 GB checkpoint written or read)
+  slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
+               random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
+               written or read)
 
 ``--out`` receives four files: summary.md, summary.json, pytest.xml and log.txt (every command's
 output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds the whole run: each stage
@@ -84,6 +85,16 @@ TARGETS = [
 
 
 OPTIONAL_STAGES = ("tests", "bench", "slice")
+
+
+def slice_runs(plan) -> list[tuple[int, str]]:
+    """(batch, --weights) of each slice run: every batch size as stored (the plan's dtype), and
+    batch 1 with int8 weights (issue 10: int8 against bf16 at real width)."""
+    return [(B, "same") for B in plan.slice_batches] + [(plan.slice_batches[0], "int8")]
+
+
+def slice_name(batch: int, weights: str) -> str:
+    return f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
 
 
 class Check:
@@ -231,11 +242,13 @@ class Check:
                          "--force")])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
-            for B in p.slice_batches:
-                jobs[f"slice batch {B}"] = (w / f"slice-b{B}", [self.cli(
+            for B, weights in slice_runs(p):
+                name = slice_name(B, weights)
+                jobs[f"slice {name}"] = (w / f"slice-{name}", [self.cli(
                     "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
-                    "-o", str(w / f"slice-b{B}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
-                    "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
+                    "-o", str(w / f"slice-{name}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
+                    "--weights", weights, "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P),
+                    "--force")])
         return jobs
 
     def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
@@ -311,25 +324,26 @@ class Check:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
-        for B in p.slice_batches:
-            args = (self.work / f"slice-b{B}", "--runtime", "aoti", "--random-weights", "0",
+        for B, weights in slice_runs(p):
+            name = slice_name(B, weights)
+            args = (self.work / f"slice-{name}", "--runtime", "aoti", "--random-weights", "0",
                     "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
             try:
-                report = self.bench(f"slice batch {B}", *args)
+                report = self.bench(f"slice {name}", *args)
             except StageFailed as err:
                 failed.append(str(err))
                 if self.device != "cuda":
                     continue
                 try:  # the figures without CUDA graphs are still worth the minutes
-                    report = self.bench(f"slice batch {B} without CUDA graphs", *args, "--no-cuda-graphs")
+                    report = self.bench(f"slice {name} without CUDA graphs", *args, "--no-cuda-graphs")
                 except StageFailed as again:
                     failed.append(str(again))
                     continue
             r = report["results"]["aoti"]
-            self.figures["slice"][f"batch{B}"] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
-                                                 "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                                 "prompt_len": p.slice_prompt_len, **pick(r)}
-            texts.append(f"batch {B}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
+            self.figures["slice"][name] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
+                                           "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
+                                           "weights": weights, "prompt_len": p.slice_prompt_len, **pick(r)}
+            texts.append(f"{name}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                          f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
                          f"prefill {r['prefill_tokens_per_s']:.0f} tok/s")
         if failed:
@@ -461,11 +475,12 @@ def format_summary(s: dict) -> str:
         sl = fig["slice"]
         lines += ["", f"## Real-width slice: {sl['preset']}, {sl['layers']} layers, {sl['dtype']}, aoti on random "
                       "weights made on the device", "",
-                  "| batch | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
+                  "| batch | weights | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
                   "of copy | read GB/s | of read | prefill tok/s (prompt) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in runs.items():
-            lines.append(f"| {name.removeprefix('batch')} | {'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
+            lines.append(f"| {name.removeprefix('batch').split('-')[0]} | {r.get('weights', 'same')} | "
+                         f"{'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
                          f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
                          f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
