@@ -75,7 +75,7 @@ def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """One tiny-preset fp32 artifact per MoE mode, exported once per session (compiles are slow).
 
     The gather one has batch 1, so its AOTInductor decode graph is the CPU matrix-vector form
-    (RowDotLinear); the others have batch 2 (ragged batches).
+    (model.rowdot); the others have batch 2 (ragged batches).
     """
     from dbrx_aot.export import export_artifact
 
