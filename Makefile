@@ -35,8 +35,9 @@ DEMO_PROMPT := import os\n\n\ndef
 # against eager -> generate with each. The artifact is kept, so a second run only verifies and generates.
 demo: setup $(DEMO_DIR)/artifact/manifest.json
 	$(CLI) verify $(DEMO_DIR)/artifact --runtime all --steps 16
-	@echo "note: the demo model is a 14M-parameter DBRX trained for 30 minutes on Python source: expect"
-	@echo "      Python-looking text, not good code; what to look at is that the three runtimes agree."
+	@echo "note: the demo model is a 14M-parameter DBRX trained on the Python standard library for about"
+	@echo "      20 minutes (scripts/train_reference.py): expect Python-looking text, not good code; what to"
+	@echo "      look at is that the three runtimes agree."
 	@for rt in eager aoti onnxruntime; do \
 		echo "--- $$rt"; \
 		$(CLI) --quiet generate $(DEMO_DIR)/artifact --runtime $$rt --prompt "$$(printf '$(DEMO_PROMPT)')" \

@@ -446,13 +446,14 @@ def test_conversation_send_writes_only_through_write(artifacts, capsys):
     assert "".join(pieces) == reply and capsys.readouterr().out == ""
 
 
-def test_demo_says_its_weights_are_random():
+def test_demo_runs_on_the_committed_reference_and_says_what_it_is():
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).parent.parent
     plan = subprocess.run(["make", "-n", "-C", str(root), "demo"], capture_output=True, text=True).stdout
-    assert "RANDOM weights" in plan
+    assert "export reference/dbrx-stdlib" in plan and "trained on the Python standard library" in plan
+    assert (root / "reference" / "dbrx-stdlib" / "model.safetensors").is_file()
 
 
 def test_export_hides_torch_pytree_deprecation():
