@@ -143,6 +143,14 @@ def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype | None,
         raise DbrxAotError(f"{path}: missing key {missing[0]} ({len(missing)} missing in all)")
 
 
+def iter_stored(path: Path, config: DbrxConfig, dtype: torch.dtype, weights_format: str,
+                progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as an artifact stores them (``quantize.stored_tensors``): compute
+    dtype ``dtype``, the matrices as ``weights_format``; one tensor at a time, every key checked."""
+    for name, tensor in iter_checkpoint(path, config, None, progress):
+        yield from stored_tensors(name, tensor, weights_format, dtype)
+
+
 def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
                weights: Iterator[tuple[str, torch.Tensor]] | None = None, progress: bool = True,
                weights_format: str = "same") -> DbrxModel:
@@ -154,10 +162,8 @@ def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch
     # Shaped and cast on meta (never allocating another dtype), then given uninitialised storage.
     model = meta_model(config, dtype, weights_format).to_empty(device=device)
     params = dict(model.named_parameters())
-    if weights is None:
-        weights = (stored for name, tensor in iter_checkpoint(path, config, None, progress)
-                   for stored in stored_tensors(name, tensor, weights_format, dtype))
-    for name, tensor in weights:
+    for name, tensor in weights if weights is not None else iter_stored(path, config, dtype, weights_format,
+                                                                          progress):
         params[name].data.copy_(tensor)
     return model.eval().requires_grad_(False)
 

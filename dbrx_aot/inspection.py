@@ -3,6 +3,7 @@ the memory plan: bytes per component in each weight format, and how much KV cach
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -10,7 +11,6 @@ import torch
 from dbrx_aot.checkpoint import stored_specs
 from dbrx_aot.config import DbrxConfig, parse_dtype
 from dbrx_aot.manifest import Manifest
-from dbrx_aot.quantize import WEIGHT_FORMATS
 
 # Parameter name -> component (first match wins).
 COMPONENTS = (("embedding", ("wte.",)), ("attention", (".attn.",)), ("experts", (".ffn.w1", ".ffn.v1", ".ffn.w2")),
@@ -28,10 +28,7 @@ def memory_plan(config: DbrxConfig, dtype: str, weights_format: str) -> dict:
     parts = {name: 0 for name, _ in COMPONENTS}
     for key, (shape, dt) in stored_specs(config, parse_dtype(dtype), weights_format).items():
         part = next(name for name, marks in COMPONENTS if any(m in key for m in marks))
-        n = dt.itemsize
-        for size in shape:
-            n *= size
-        parts[part] += n
+        parts[part] += math.prod(shape) * dt.itemsize
     total = sum(parts.values())
     kv = 2 * config.n_layers * config.kv_n_heads * config.head_dim * parse_dtype(dtype).itemsize
     devices = {}

@@ -106,9 +106,8 @@ class Manifest:
                                    "re-export, or pass --no-verify-checksums to skip the check)")
         bar.close()
 
-    def iter_weights(self, root: Path, dtype: torch.dtype | None = None,
-                     progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(graph name, tensor) from weights/, one tensor at a time, optionally cast."""
+    def iter_weights(self, root: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(graph name, tensor as stored) from weights/, one tensor at a time."""
         by_file: dict[str, list[str]] = {}
         for name, file in self.weights.items():
             by_file.setdefault(file, []).append(name)
@@ -120,8 +119,7 @@ class Manifest:
                 for name in names:
                     if name not in present:
                         raise DbrxAotError(f"{path}: missing tensor {name} (listed in {MANIFEST})")
-                    tensor = read_tensor(f, path, name)
-                    yield name, tensor if dtype is None else tensor.to(dtype)
+                    yield name, read_tensor(f, path, name)
                     bar.update()
         bar.close()
 

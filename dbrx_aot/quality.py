@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from dbrx_aot.app import checksum_option
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
+from dbrx_aot.verify import artifact_runtimes, kl_divergence
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def measure(runtimes: dict[str, Runtime], reference: Runtime, windows: list[list
 def _accumulate(acc: dict, logp: torch.Tensor, gold: torch.Tensor, ref_logp: torch.Tensor) -> None:
     acc["nll"] -= float(logp.gather(1, gold[:, None]).sum())
     acc["top1"] += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
-    acc["kl"] += float((ref_logp.exp() * (ref_logp - logp)).sum())
+    acc["kl"] += float(kl_divergence(ref_logp, logp).sum())
     acc["n"] += len(gold)
 
 
@@ -106,7 +107,6 @@ def held_out_quality(path: Path, reference: Path, texts: list[Path], runtimes: l
     """Perplexity of the artifact's runtimes (and of eager on its weights) on ``texts``, next to
     the eager fp32 model of the original ``reference`` checkpoint with the same static shapes."""
     from dbrx_aot.manifest import Manifest
-    from dbrx_aot.verify import artifact_runtimes
 
     manifest = Manifest.read(Path(path))
     if Path(reference).resolve() == Path(path).resolve():

@@ -70,6 +70,11 @@ def dequantize_int8(u: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Ten
     return (u.float() - INT8_ZERO_POINT) * scale.unsqueeze(dim)
 
 
+def stored_names(name: str, fmt: str) -> list[str]:
+    """The names an artifact stores for one graph parameter: itself, and for an int8 matrix its scale."""
+    return [name, scale_name(name)] if fmt == "int8" and reduction_dim(name) is not None else [name]
+
+
 def stored_tensors(name: str, tensor: torch.Tensor, fmt: str,
                    dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     """What an artifact stores for one graph parameter: [(name, tensor)] or, for an int8 matrix,
@@ -79,5 +84,4 @@ def stored_tensors(name: str, tensor: torch.Tensor, fmt: str,
         return [(name, tensor.to(dtype))]
     if fmt == "bfloat16":
         return [(name, tensor.to(torch.bfloat16))]
-    u, scale = quantize_int8(tensor, dim)
-    return [(name, u), (scale_name(name), scale)]
+    return list(zip(stored_names(name, fmt), quantize_int8(tensor, dim)))

@@ -145,6 +145,12 @@ def artifact_runtimes(formats: list[str]) -> list[str]:
     return [name for fmt, name in (("aoti", "aoti"), ("onnx", "onnxruntime")) if fmt in formats]
 
 
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position from log-probabilities [..., V] (float64: fp32 rounding would swamp a
+    KL of 1e-10 and make it negative)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def compare(runtime: Runtime, eager: Runtime, prompts: list[list[int]], steps: int) -> dict:
     """Teacher-forced logits over the prompts and ``steps`` decode steps, and free-running greedy."""
     B = runtime.batch_size
@@ -155,14 +161,13 @@ def compare(runtime: Runtime, eager: Runtime, prompts: list[list[int]], steps: i
         rows = group + [group[-1]] * (B - len(group))  # fill the static batch; extra rows not counted
         pairs = teacher_forced(runtime, eager, rows, steps)
         for got, expected, valid in pairs:
-            # float64: fp32 rounding in log_softmax would swamp a KL of 1e-10 (and make it negative)
             got, expected = got[: len(group)].double(), expected[: len(group)].double()
             mask = valid[: len(group)]
             diff = (got - expected).abs()[mask]
             errors.append(diff)
             tops += int((got.argmax(-1) == expected.argmax(-1))[mask].sum())
             log_p, log_q = torch.log_softmax(expected, -1), torch.log_softmax(got, -1)
-            kls.append((log_p.exp() * (log_p - log_q)).sum(-1)[mask])
+            kls.append(kl_divergence(log_p, log_q)[mask])
             n += int(mask.sum())
         ours = generate(runtime, group, max_new_tokens=steps, stop_ids=[])
         ref = generate(eager, group, max_new_tokens=steps, stop_ids=[])

@@ -17,13 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 import dbrx_aot
-from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_checkpoint, stored_specs
+from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_stored, stored_specs
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
 from dbrx_aot.model import MOE_MODES, resolve_moe_mode
-from dbrx_aot.quantize import check_weights_format, reduction_dim, scale_name, stored_tensors
+from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
 from dbrx_aot.staging import replace_dir, staging_dir
@@ -186,12 +186,10 @@ def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, we
     for n, shard in enumerate(shards, 1):
         with open_checked(shard) as f:
             names = [graph_keys[k] for k in f.keys() if k in graph_keys]
-        stored = [s for name in names for s in
-                  ([name, scale_name(name)] if weights_format == "int8" and reduction_dim(name) is not None else [name])]
-        plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors", stored))
+        plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors",
+                     [s for name in names for s in stored_names(name, weights_format)]))
     weights: dict[str, str] = {}
-    source = (stored for name, tensor in iter_checkpoint(checkpoint, config, None, progress)  # checks every key
-              for stored in stored_tensors(name, tensor, weights_format, dtype))
+    source = iter_stored(checkpoint, config, dtype, weights_format, progress)  # checks every key and shape
     for file, names in plan:
         with StreamingWriter(out / file, [(n, *specs[n]) for n in names]) as writer:
             for expected in names:

@@ -10,7 +10,6 @@ from dbrx_aot.checkpoint import load_model
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
-from dbrx_aot.quantize import check_weights_format
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import KVCache, RuntimeBase
 from dbrx_aot.tokenizer import Tokenizer
@@ -66,7 +65,7 @@ class EagerRuntime(RuntimeBase):
         max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
         prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
         check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)  # before reading any weight
-        model = load_model(path, config, dtype, device, progress=progress, weights_format=check_weights_format(weights))
+        model = load_model(path, config, dtype, device, progress=progress, weights_format=weights)
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe)
 

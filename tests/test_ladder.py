@@ -74,18 +74,23 @@ def check_two_caches(runtime) -> None:
 RUNTIMES = ["aoti", "onnxruntime"]
 
 
-@pytest.fixture(scope="module")
-def loaded(artifacts):
-    """(runtime under test, eager) per (runtime, moe), loaded once."""
+def pair_loader(paths: dict):
+    """get(runtime, key) -> (that runtime, eager), both on the artifact ``paths[key]``, loaded once."""
     cache = {}
 
-    def get(runtime, moe):
-        if (runtime, moe) not in cache:
-            cache[runtime, moe] = (dbrx_aot.load_runtime(artifacts[moe], runtime, progress=False),
-                                   dbrx_aot.load_runtime(artifacts[moe], "eager", progress=False))
-        return cache[runtime, moe]
+    def get(runtime, key):
+        if (runtime, key) not in cache:
+            cache[runtime, key] = (dbrx_aot.load_runtime(paths[key], runtime, progress=False),
+                                   dbrx_aot.load_runtime(paths[key], "eager", progress=False))
+        return cache[runtime, key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def loaded(artifacts):
+    """(runtime under test, eager) per (runtime, moe)."""
+    return pair_loader(artifacts)
 
 
 @pytest.mark.parametrize("moe", ["dense", "gather", "auto"])
@@ -109,15 +114,7 @@ def test_two_caches_do_not_interfere(loaded, runtime):
 @pytest.fixture(scope="module")
 def loaded_formats(weight_artifacts):
     """(runtime under test, eager) on the artifacts whose weights are int8 or bf16-stored."""
-    cache = {}
-
-    def get(runtime, name):
-        if (runtime, name) not in cache:
-            cache[runtime, name] = (dbrx_aot.load_runtime(weight_artifacts[name], runtime, progress=False),
-                                    dbrx_aot.load_runtime(weight_artifacts[name], "eager", progress=False))
-        return cache[runtime, name]
-
-    return get
+    return pair_loader(weight_artifacts)
 
 
 @pytest.mark.parametrize("runtime, name", [("aoti", "int8"), ("onnxruntime", "int8"), ("aoti", "int8-b1"),
