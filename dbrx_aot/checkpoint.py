@@ -21,6 +21,7 @@ from dbrx_aot.model import DbrxModel, replace_weight_format
 from dbrx_aot.quantize import stored_tensors
 from dbrx_aot.safetensors_io import FLOAT_DTYPES, StreamingWriter, open_checked, read_tensor
 from dbrx_aot.staging import replace_dir, staging_dir
+from dbrx_aot.tp import shard, shard_model
 from dbrx_aot.tokenizer import CHAT_TEMPLATE, EOS_IDS, SPECIAL_TOKENS
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,11 +54,12 @@ def meta_model(config: DbrxConfig, dtype: torch.dtype, weights_format: str = "sa
         return replace_weight_format(DbrxModel(config).to(dtype), weights_format)
 
 
-def stored_specs(config: DbrxConfig, dtype: torch.dtype,
-                 weights_format: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} of every tensor a model of this compute dtype and weight format holds."""
-    return {name: (tuple(p.shape), p.dtype)
-            for name, p in meta_model(config, dtype, weights_format).named_parameters()}
+def stored_specs(config: DbrxConfig, dtype: torch.dtype, weights_format: str,
+                 tp: int = 1) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of every tensor a model of this compute dtype and weight format holds
+    (each rank's share under tensor parallelism of degree ``tp``)."""
+    model = shard_model(meta_model(config, dtype, weights_format), 0, tp, group="")
+    return {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
 
 
 def hub_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
@@ -153,17 +155,20 @@ def iter_stored(path: Path, config: DbrxConfig, dtype: torch.dtype, weights_form
 
 def load_model(path: Path, config: DbrxConfig, dtype: torch.dtype, device: torch.device | str,
                weights: Iterator[tuple[str, torch.Tensor]] | None = None, progress: bool = True,
-               weights_format: str = "same") -> DbrxModel:
+               weights_format: str = "same", rank: int = 0, tp: int = 1, group: str | None = None) -> DbrxModel:
     """Build the model with uninitialised storage and fill it tensor by tensor (no second copy).
 
-    ``weights``: tensors already in their stored form (an artifact's weights/); without it, the
-    checkpoint at ``path`` is read and each tensor converted to ``weights_format`` as it comes.
+    ``weights``: tensors already in their stored form and shard (an artifact's weights/); without
+    it, the checkpoint at ``path`` is read and each tensor converted to ``weights_format`` (and cut to
+    rank ``rank``'s shard of ``tp``, collectives over the process group ``group``) as it comes.
     """
-    # Shaped and cast on meta (never allocating another dtype), then given uninitialised storage.
-    model = meta_model(config, dtype, weights_format).to_empty(device=device)
+    # Shaped, cast and sharded on meta (never allocating another dtype), then given uninitialised storage.
+    model = shard_model(meta_model(config, dtype, weights_format), rank, tp, group).to_empty(device=device)
     params = dict(model.named_parameters())
-    for name, tensor in weights if weights is not None else iter_stored(path, config, dtype, weights_format,
-                                                                          progress):
+    if weights is None:
+        weights = ((name, shard(name, tensor, rank, tp, config))
+                   for name, tensor in iter_stored(path, config, dtype, weights_format, progress))
+    for name, tensor in weights:
         params[name].data.copy_(tensor)
     return model.eval().requires_grad_(False)
 

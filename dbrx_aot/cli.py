@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,13 @@ class Context:
         self.verify_checksums = verify_checksums
 
 
+def rank_label() -> str:
+    """`` (rank R)`` for the ranks other than 0 of a torchrun launch, where every rank reports."""
+    from dbrx_aot.tp import follower
+
+    return f" (rank {os.environ['RANK']})" if follower() else ""
+
+
 def handles_errors(fn):
     """Turn DbrxAotError (and Ctrl-C) into one line on stderr and exit code 2."""
 
@@ -37,7 +45,7 @@ def handles_errors(fn):
         except DbrxAotError as err:
             if ctx is not None and ctx.debug:
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error{rank_label()}: {err}", file=sys.__stderr__)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             if ctx is not None and ctx.debug:
@@ -57,6 +65,13 @@ def handles_errors(fn):
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool, no_verify_checksums: bool) -> None:
     """DBRX ahead of time: export a Hugging Face DBRX checkpoint to AOTInductor and ONNX, and run it."""
+    from dbrx_aot.tp import follower
+
+    if follower():  # under torchrun, rank 0 prints; the other ranks print only their errors
+        quiet = True
+        sys.stdout = open(os.devnull, "w")
+        if not debug:
+            sys.stderr = open(os.devnull, "w")
     ctx.obj = Context(debug, quiet, not no_verify_checksums)
     log = logging.getLogger("dbrx_aot")  # ours only: the libraries' INFO chatter stays off
     if not log.handlers:
@@ -208,11 +223,15 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
               help="With --skip-weights and no CHECKPOINT: compile this configuration.")
 @click.option("--layers", default=None, type=int, help="With --preset: only N layers at its widths (a slice).")
+@click.option("--tp", default=1, show_default=True,
+              help="Tensor-parallel degree: one package for N ranks, each rank's weight shard in weights/rank-R/ "
+                   "(run with torchrun --nproc-per-node N; aoti only).")
 @common_options
 @handles_errors
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, weights_format: str,
                onnx_accuracy_level: str | None, batch_size: int, max_seq_len: int | None, prefill_chunk: int | None,
-               moe: str, force: bool, skip_weights: bool, preset_name: str | None, layers: int | None) -> None:
+               moe: str, force: bool, skip_weights: bool, preset_name: str | None, layers: int | None,
+               tp: int) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
@@ -221,6 +240,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
       dbrx-aot export build/tiny -o build/artifact-int8 --format aoti,onnx --weights int8
       dbrx-aot export --preset dbrx-132b --skip-weights -o build/132b-graphs --dtype bfloat16
       dbrx-aot export --preset dbrx-132b --layers 2 --skip-weights -o build/132b-2 --dtype bfloat16 --device cuda
+      dbrx-aot export build/tiny -o build/artifact-tp2 --tp 2   # then: torchrun --nproc-per-node 2 -m dbrx_aot ...
     """
     from dbrx_aot.config import preset
     from dbrx_aot.export import export_artifact
@@ -235,7 +255,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype,
                              weights_format=weights_format, batch_size=batch_size,
                              onnx_accuracy_level=None if onnx_accuracy_level is None else int(onnx_accuracy_level),
-                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, force=force,
+                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, tp=tp, force=force,
                              skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))
@@ -266,6 +286,7 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
     from dbrx_aot.app import checksum_option
     from dbrx_aot.chat import Conversation
     from dbrx_aot.runtimes import load_runtime
+    from dbrx_aot.tp import from_leader
 
     rt = load_runtime(path, runtime=runtime, device=device, progress=progress_enabled(),
                       **checksum_option(verify_checksums()))
@@ -273,15 +294,21 @@ def chat_cmd(path: Path, runtime: str, device: str, system: str | None, max_new_
                         top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     click.echo(f"dbrx-aot chat ({runtime} on {device}, cache {rt.max_seq_len} tokens). /reset, /exit.", err=True)
+    def read_line() -> str | None:  # None: end of input
+        try:
+            return input("you> " if interactive else "")
+        except EOFError:
+            return None
+
     while True:
         try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            click.echo("", err=True)
-            return
+            line = from_leader(read_line)  # under torchrun, rank 0 reads and every rank gets the line
         except KeyboardInterrupt:
             click.echo("\ninterrupted: chat ended (/exit or Ctrl-D leave without an error)", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        if line is None:
+            click.echo("", err=True)
+            return
         text = line.strip()
         if not interactive:  # piped input is not echoed by a terminal: keep the transcript readable
             click.echo(f"you> {line}")
@@ -336,7 +363,11 @@ def serve_cmd(path: Path, runtime: str, device: str, host: str, port: int, max_q
       dbrx-aot serve build/artifact --runtime aoti --port 8000 --max-queue 32
     """
     from dbrx_aot.server import serve
+    from dbrx_aot.tp import launched_by_torchrun
 
+    if launched_by_torchrun():
+        raise DbrxAotError("serve runs in one process: tensor-parallel serving (under torchrun) is not supported "
+                           "yet; serve a single-process artifact")
     serve(path, runtime=runtime, device=device, host=host, port=port, max_queue=max_queue, grace=grace,
           model_name=model_name, verify_checksums=verify_checksums(), progress=progress_enabled(),
           ready=lambda line: click.echo(line))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.runtimes import PAD_TOKEN, KVCache, Runtime, prefill_chunks
+from dbrx_aot.tp import common_seed
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -90,6 +91,8 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
     cache = cache if cache is not None else runtime.new_cache()
     device = runtime.device
     generator = torch.Generator(device=device)
+    if getattr(runtime, "tp", 1) > 1:  # every rank must sample the same ids
+        seed = common_seed(seed)
     if seed is not None:
         generator.manual_seed(seed)
     else:

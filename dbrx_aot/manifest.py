@@ -40,11 +40,14 @@ class Manifest:
     config: DbrxConfig
     formats: list[str]                # "aoti", "onnx"
     graphs: dict[str, dict]           # name -> {"inputs": [...], "outputs": [...], "aoti": path, "onnx": path}
-    weights: dict[str, str]           # graph tensor name -> file under weights/
+    weights: dict[str, str]           # graph tensor name -> file under weights/ (tp 1; {} under --tp N)
     tokenizer: dict
     files: dict[str, dict]            # relative path -> {"sha256": ..., "bytes": ...}
     weights_format: str = "same"      # how the matrices are stored: same (as dtype), bfloat16, int8
     onnx_accuracy_level: int | None = None  # int8 ONNX linear layers as MatMulNBits at this level (4)
+    tp: int = 1                       # tensor-parallel degree: ranks that run the graphs together (torchrun)
+    tp_group: str | None = None       # the process group name the packages' collectives were compiled with
+    rank_weights: list[dict[str, str]] = dataclasses.field(default_factory=list)  # tp > 1: per rank, as weights
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -84,6 +87,17 @@ class Manifest:
         t = self.tokenizer
         return Tokenizer(t["chat_template"], eos_ids=tuple(t["eos_ids"]), pad_id=t["pad_id"], bos_id=t["bos_id"])
 
+    def weights_of(self, rank: int = 0) -> dict[str, str]:
+        """{graph tensor name: file under weights/} of one rank's shard (the only one when tp is 1)."""
+        return self.rank_weights[rank] if self.tp > 1 else self.weights
+
+    def has_weights(self) -> bool:
+        return bool(self.weights_of(0))
+
+    def weight_files(self, rank: int = 0) -> list[str]:
+        """One rank's weight files, relative to the artifact root."""
+        return sorted({f"{WEIGHTS_DIR}/{f}" for f in self.weights_of(rank).values()})
+
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 
@@ -106,12 +120,13 @@ class Manifest:
                                    "re-export, or pass --no-verify-checksums to skip the check)")
         bar.close()
 
-    def iter_weights(self, root: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(graph name, tensor as stored) from weights/, one tensor at a time."""
+    def iter_weights(self, root: Path, progress: bool = True, rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """(graph name, tensor as stored) from weights/ (rank ``rank``'s shard), one tensor at a time."""
+        weights = self.weights_of(rank)
         by_file: dict[str, list[str]] = {}
-        for name, file in self.weights.items():
+        for name, file in weights.items():
             by_file.setdefault(file, []).append(name)
-        bar = tqdm(total=len(self.weights), desc="loading weights", unit="tensor", disable=not progress)
+        bar = tqdm(total=len(weights), desc="loading weights", unit="tensor", disable=not progress)
         for file, names in by_file.items():
             path = root / WEIGHTS_DIR / file
             with open_checked(path) as f:

@@ -113,6 +113,8 @@ class Attention(nn.Module):
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.config = config
+        # The heads this module computes: all of them, or a rank's share under tensor parallelism.
+        self.n_heads, self.kv_heads = config.n_heads, config.kv_n_heads
         self.Wqkv = Linear(config.d_model, config.qkv_size)
         self.out_proj = Linear(config.d_model, config.d_model)
 
@@ -120,13 +122,13 @@ class Attention(nn.Module):
         # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, G*T, S+T]
         c = self.config
         B, T, _ = x.shape
-        H, K, hd = c.n_heads, c.kv_n_heads, c.head_dim
+        H, K, hd = self.n_heads, self.kv_heads, c.head_dim
         G, S = H // K, k_cache.shape[2]
-        qkv = self.Wqkv(x)                                              # [B, T, D + 2*K*hd]
+        qkv = self.Wqkv(x)                                              # [B, T, H*hd + 2*K*hd]
         if c.clip_qkv is not None:
             qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
         # Slices, not split(): ONNX's SplitToSequence has no bf16 kernel type (Slice has).
-        q, k, v = qkv[..., :c.d_model], qkv[..., c.d_model:c.d_model + K * hd], qkv[..., c.d_model + K * hd:]
+        q, k, v = qkv[..., :H * hd], qkv[..., H * hd:(H + K) * hd], qkv[..., (H + K) * hd:]
         q = q.view(B, T, H, hd).transpose(1, 2)                         # [B, H, T, hd]
         k = k.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
         v = v.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         scores = scores.float().masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(x.dtype)               # [B, K, G*T, S+T]
         out = probs[..., :S] @ v_cache + probs[..., S:] @ v             # [B, K, G*T, hd]
-        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, c.d_model)  # [B, T, D]
+        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
         return self.out_proj(out), k, v
 
 
@@ -248,6 +250,8 @@ class Block(nn.Module):
 
 
 class DbrxModel(nn.Module):
+    tp = 1  # the tensor-parallel degree this model's shard was cut for (set by tp.shard_model)
+
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.config = config
@@ -350,5 +354,6 @@ class FunctionalStep(nn.Module):
         return self.model(tokens, positions, k_cache, v_cache, self.moe)
 
 
-def cache_shape(config: DbrxConfig, batch_size: int, max_seq_len: int) -> tuple[int, ...]:
-    return (config.n_layers, batch_size, config.kv_n_heads, max_seq_len, config.head_dim)
+def cache_shape(config: DbrxConfig, batch_size: int, max_seq_len: int, tp: int = 1) -> tuple[int, ...]:
+    """[L, B, K, S, hd]; under tensor parallelism each rank caches its K/N kv heads."""
+    return (config.n_layers, batch_size, config.kv_n_heads // tp, max_seq_len, config.head_dim)

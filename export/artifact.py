@@ -11,6 +11,7 @@ import errno
 import logging
 import platform
 import shutil
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
 from dbrx_aot.staging import replace_dir, staging_dir
 from dbrx_aot.tokenizer import Tokenizer
+from dbrx_aot.tp import check_tp, compile_world, shard
 
 log = logging.getLogger("dbrx_aot.export")
 
@@ -63,13 +65,15 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
                     batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
                     moe: str = "auto", weights_format: str = "same", onnx_accuracy_level: int | None = None,
-                    force: bool = False,
+                    tp: int = 1, force: bool = False,
                     skip_weights: bool = False, config: DbrxConfig | None = None,
                     progress: bool = True) -> ExportReport:
     """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
 
     ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py);
     ``onnx_accuracy_level`` (int8 only): the ONNX linear layers as MatMulNBits at that level.
+    ``tp``: tensor-parallel degree: one package per graph for every rank, each rank's weights in
+    weights/rank-R/ (dbrx_aot/tp.py).
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
     will do (compile-only: the result holds no weights and cannot run).
@@ -83,6 +87,10 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         raise DbrxAotError("export: give a CHECKPOINT directory (or --preset with --skip-weights)")
     torch_dtype = parse_dtype(dtype)
     check_weights_format(weights_format)
+    check_tp(config, tp)
+    if tp > 1 and "onnx" in formats:
+        raise DbrxAotError(f"--format onnx with --tp {tp}: ONNX has no collectives onnxruntime's published builds "
+                           "run; export the tensor-parallel artifact with --format aoti")
     if weights_format == "bfloat16" and torch_dtype != torch.float32:
         raise DbrxAotError(f"--weights bfloat16 goes with --dtype float32 (bf16 storage, fp32 compute); with "
                            f"--dtype {dtype} use --weights same")
@@ -111,24 +119,27 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     stages = 2 + (not skip_weights) + len(GRAPHS) * len(formats)
     bar = tqdm(total=stages, desc="export", unit="stage", disable=not progress)
     try:
-        weights = {}
+        rank_weights: list[dict[str, str]] = []
         if not skip_weights:
             with stage("convert weights", timings, bar):
-                weights = convert_weights(checkpoint, config, torch_dtype, weights_format, tmp / WEIGHTS_DIR,
-                                          progress)
+                rank_weights = convert_weights(checkpoint, config, torch_dtype, weights_format, tmp / WEIGHTS_DIR,
+                                               progress, tp)
+        weights = rank_weights[0] if rank_weights and tp == 1 else {}
         # "outputs": the in-place form (logits; the cache is updated); "onnx_outputs": the ONNX form.
-        graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype, functional=False)
+        graphs = {name: io_description(config, specs[name], batch_size, max_seq_len, torch_dtype, functional=False,
+                                       tp=tp)
                   for name in GRAPHS}
-        with stage("build empty model", timings, bar):
-            model = empty_model(config, torch_dtype, dev, weights_format)
-        if "aoti" in formats:
-            from dbrx_aot.export.aoti import compile_package, uses_rowdot
+        with compile_world(tp) if tp > 1 else nullcontext() as tp_group:
+            with stage("build empty model", timings, bar):
+                model = empty_model(config, torch_dtype, dev, weights_format, tp, tp_group)
+            if "aoti" in formats:
+                from dbrx_aot.export.aoti import compile_package, uses_rowdot
 
-            for name in GRAPHS:
-                with stage(f"aoti {name}: export + compile", timings, bar):
-                    compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
-                graphs[name]["aoti"] = f"aoti/{name}.pt2"
-                graphs[name]["aoti_linear"] = "rowdot" if uses_rowdot(specs[name], batch_size, dev) else "mm"
+                for name in GRAPHS:
+                    with stage(f"aoti {name}: export + compile", timings, bar):
+                        compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
+                    graphs[name]["aoti"] = f"aoti/{name}.pt2"
+                    graphs[name]["aoti_linear"] = "rowdot" if uses_rowdot(specs[name], batch_size, dev) else "mm"
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 
@@ -150,7 +161,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             dtype=str(torch_dtype).removeprefix("torch."), batch_size=batch_size, max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
             formats=list(formats), graphs=graphs, weights=weights, weights_format=weights_format,
-            onnx_accuracy_level=onnx_accuracy_level,
+            onnx_accuracy_level=onnx_accuracy_level, tp=tp, tp_group=tp_group,
+            rank_weights=rank_weights if tp > 1 else [],
             tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
                        "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},
             files=files)
@@ -172,31 +184,39 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
 
 def convert_weights(checkpoint: Path, config: DbrxConfig, dtype: torch.dtype, weights_format: str, out: Path,
-                    progress: bool) -> dict[str, str]:
+                    progress: bool, tp: int = 1) -> list[dict[str, str]]:
     """Hub checkpoint -> weights/ in the graph's names, layout and stored form (``weights_format``:
-    the matrices in bf16, or int8 with their scales beside them), one tensor at a time.
+    the matrices in bf16, or int8 with their scales beside them), one tensor at a time; under
+    tensor parallelism each tensor is cut into the ranks' shards as it comes (tp.shard).
 
-    One output file per input shard; returns {graph name: file name}.
+    One output file per input shard (per rank, in rank-R/, when ``tp`` > 1); returns, per rank,
+    {graph name: file name relative to ``out``}.
     """
     out.mkdir(parents=True)
-    specs = stored_specs(config, dtype, weights_format)
+    specs = stored_specs(config, dtype, weights_format, tp)
     graph_keys = hub_to_graph_keys(config)
     shards = checkpoint_shards(checkpoint)
     plan: list[tuple[str, list[str]]] = []
-    for n, shard in enumerate(shards, 1):
-        with open_checked(shard) as f:
+    for n, path in enumerate(shards, 1):
+        with open_checked(path) as f:
             names = [graph_keys[k] for k in f.keys() if k in graph_keys]
         plan.append((f"model-{n:05d}-of-{len(shards):05d}.safetensors",
                      [s for name in names for s in stored_names(name, weights_format)]))
-    weights: dict[str, str] = {}
+    folders = [""] if tp == 1 else [f"rank-{r}/" for r in range(tp)]
+    for folder in folders:
+        (out / folder).mkdir(exist_ok=True)
+    weights: list[dict[str, str]] = [{} for _ in folders]
     source = iter_stored(checkpoint, config, dtype, weights_format, progress)  # checks every key and shape
     for file, names in plan:
-        with StreamingWriter(out / file, [(n, *specs[n]) for n in names]) as writer:
+        with ExitStack() as stack:
+            writers = [stack.enter_context(StreamingWriter(out / folder / file, [(n, *specs[n]) for n in names]))
+                       for folder in folders]
             for expected in names:
                 name, tensor = next(source)
                 assert name == expected, (name, expected)
-                writer.write(name, tensor)
-                weights[name] = file
+                for rank, (writer, folder) in enumerate(zip(writers, folders)):
+                    writer.write(name, shard(name, tensor, rank, tp, config))
+                    weights[rank][name] = folder + file
     for _ in source:  # drain: raises on missing keys
         pass
     return weights

@@ -14,6 +14,7 @@ import torch
 from dbrx_aot.checkpoint import meta_model
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.model import CachedStep, DbrxModel, FunctionalStep, MoeMode, cache_shape
+from dbrx_aot.tp import shard_model
 
 log = logging.getLogger("dbrx_aot.export")
 
@@ -44,11 +45,13 @@ def stage(name: str, timings: dict, bar=None):
         bar.update()
 
 
-def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device,
-                weights_format: str = "same") -> DbrxModel:
-    """The model with uninitialised storage: on CPU, virtual memory whose pages are never touched,
-    so tracing and compiling the 132B configuration costs no RAM for weights."""
-    return meta_model(config, dtype, weights_format).to_empty(device=device).eval().requires_grad_(False)
+def empty_model(config: DbrxConfig, dtype: torch.dtype, device: torch.device, weights_format: str = "same",
+                tp: int = 1, group: str | None = None) -> DbrxModel:
+    """The model (rank 0's shard under tensor parallelism: every rank's has the same shapes) with
+    uninitialised storage: on CPU, virtual memory whose pages are never touched, so tracing and
+    compiling the 132B configuration costs no RAM for weights."""
+    model = shard_model(meta_model(config, dtype, weights_format), 0, tp, group)
+    return model.to_empty(device=device).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class GraphSpec:
 
 
 def example_inputs(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int,
-                   dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    shape = cache_shape(config, batch_size, max_seq_len)
+                   dtype: torch.dtype, device: torch.device, tp: int = 1) -> tuple[torch.Tensor, ...]:
+    shape = cache_shape(config, batch_size, max_seq_len, tp)
     T = spec.tokens
     return (torch.zeros(batch_size, T, dtype=torch.int64, device=device),
             torch.arange(T, device=device).expand(batch_size, T).contiguous(),
@@ -69,10 +72,10 @@ def example_inputs(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq
 
 
 def io_description(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                   functional: bool) -> dict:
-    """The graph's inputs and outputs as the manifest records them."""
+                   functional: bool, tp: int = 1) -> dict:
+    """The graph's inputs and outputs as the manifest records them (one rank's, under --tp)."""
     dt = str(dtype).removeprefix("torch.")
-    cache = list(cache_shape(config, batch_size, max_seq_len))
+    cache = list(cache_shape(config, batch_size, max_seq_len, tp))
     T = spec.tokens
     inputs = [{"name": "tokens", "shape": [batch_size, T], "dtype": "int64"},
               {"name": "positions", "shape": [batch_size, T], "dtype": "int64"},
@@ -99,6 +102,6 @@ def export_program(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_l
                    functional: bool = False) -> torch.export.ExportedProgram:
     param = model.wte.weight  # the compute dtype (matrices may be stored in another)
     step = (FunctionalStep if functional else CachedStep)(model, spec.moe)
-    args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device)
+    args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device, model.tp)
     with torch_deprecations_hidden():
         return torch.export.export(step, args, strict=False)

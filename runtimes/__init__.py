@@ -17,7 +17,9 @@ import torch
 
 from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
+from dbrx_aot.model import cache_shape
 from dbrx_aot.tokenizer import Tokenizer
+from dbrx_aot.tp import init_from_env, timeout
 
 BUILTIN = {
     "eager": "dbrx_aot.runtimes.eager:EagerRuntime",
@@ -94,10 +96,11 @@ class RuntimeBase:
     max_seq_len: int
     prefill_chunk: int
     decode_moe: str
+    rank = 0  # under tensor parallelism (torchrun): this process's rank of ``tp``
+    tp = 1
 
     def cache_shape(self) -> tuple[int, ...]:
-        c = self.config
-        return (c.n_layers, self.batch_size, c.kv_n_heads, self.max_seq_len, c.head_dim)
+        return cache_shape(self.config, self.batch_size, self.max_seq_len, self.tp)
 
     def new_cache(self) -> KVCache:
         shape = self.cache_shape()
@@ -122,13 +125,24 @@ class RuntimeBase:
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        with torch.inference_mode():
-            return self.run_graph("prefill", tokens, positions, cache)
+        return self.run_checked("prefill", tokens, positions, cache)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, 1)
+        return self.run_checked("decode", tokens, positions, cache)
+
+    def run_checked(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         with torch.inference_mode():
-            return self.run_graph("decode", tokens, positions, cache)
+            if self.tp == 1:
+                return self.run_graph(graph, tokens, positions, cache)
+            try:
+                return self.run_graph(graph, tokens, positions, cache)
+            except RuntimeError as err:  # gloo / NCCL report a dead or stalled peer this way
+                raise DbrxAotError(
+                    f"{self.name} runtime, rank {self.rank} of {self.tp}: the {graph} step failed "
+                    f"({str(err).splitlines()[0][:200]}); under tensor parallelism this means another rank exited "
+                    f"or stalled past the process-group timeout ({timeout().total_seconds():g} s, "
+                    "DBRX_AOT_TP_TIMEOUT)") from None
 
     def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the prefill or decode graph on checked inputs (what each runtime implements)."""
@@ -166,6 +180,7 @@ def load_runtime(path: str | Path, runtime: str = "eager", device: str | torch.d
     if not path.exists():
         raise DbrxAotError(f"{path}: no such file or directory")
     cls = runtime_class(runtime)
+    init_from_env(device)  # under torchrun: join its world (each rank then loads its own shard)
     accepted = inspect.signature(cls.load).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         unknown = sorted(set(options) - set(accepted))

@@ -23,6 +23,7 @@ from dbrx_aot.model import STEP_PREFIX
 from dbrx_aot.runtimes import KVCache
 from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files
 from dbrx_aot.runtimes.cuda_graphs import DecodeGraphs
+from dbrx_aot.tp import shard
 
 
 class AotiRuntime(ArtifactRuntime):
@@ -33,7 +34,7 @@ class AotiRuntime(ArtifactRuntime):
              cuda_graphs: bool | None = None, random_weights: int | None = None) -> AotiRuntime:
         """``cuda_graphs``: None is on for CUDA and off for CPU; True on CPU is an error."""
         path = Path(path)
-        manifest, dev = open_artifact(path, "aoti", device, need_weights=random_weights is None)
+        manifest, dev, rank = open_artifact(path, "aoti", device, need_weights=random_weights is None)
         if cuda_graphs is None:
             cuda_graphs = dev.type == "cuda"
         elif cuda_graphs and dev.type != "cuda":
@@ -48,18 +49,19 @@ class AotiRuntime(ArtifactRuntime):
             raise DbrxAotError(f"{path}: compiled for {manifest.device}, asked to run on {dev.type} "
                                f"(re-export with --device {dev.type})")
         verify_artifact_files(manifest, path, "aoti", verify_checksums, progress,
-                              weights=random_weights is None)
-        return cls(path, manifest, dev, progress, cuda_graphs=cuda_graphs, random_weights=random_weights)
+                              weights=random_weights is None, rank=rank)
+        return cls(path, manifest, dev, progress, cuda_graphs=cuda_graphs, random_weights=random_weights, rank=rank)
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, progress: bool = True,
-                 cuda_graphs: bool = False, random_weights: int | None = None):
-        super().__init__(path, manifest, device)
-        # One copy of the weights, on the device, shared by both packages.
+                 cuda_graphs: bool = False, random_weights: int | None = None, rank: int = 0):
+        super().__init__(path, manifest, device, rank)
+        # One copy of the weights (this rank's shard), on the device, shared by both packages.
         if random_weights is None:
-            weights = manifest.iter_weights(path, progress=progress)
+            weights = manifest.iter_weights(path, progress=progress, rank=rank)
         else:
-            weights = make_random_weights(self.config, self.dtype, device, seed=random_weights,
-                                          weights_format=manifest.weights_format)
+            weights = ((name, shard(name, tensor, rank, self.tp, self.config)) for name, tensor in
+                       make_random_weights(self.config, self.dtype, device, seed=random_weights,
+                                           weights_format=manifest.weights_format))
         self.weights = {name: tensor.to(device) for name, tensor in weights}
         self._prefill = self._load_package("prefill")
         # A graph capture needs the package to run on the caller's stream without its own threading.
@@ -73,7 +75,9 @@ class AotiRuntime(ArtifactRuntime):
     def _load_package(self, graph: str, run_single_threaded: bool = False):
         package = self.path / self.manifest.graphs[graph]["aoti"]
         try:
-            runner = torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded)
+            runner = torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
+                                                       device_index=self.device.index if self.device.type == "cuda"
+                                                       else -1)
         except Exception as err:  # the loader raises RuntimeError and friends with C++ messages
             raise DbrxAotError(f"{package}: AOTInductor could not load it ({str(err).splitlines()[0]})") from None
         fqns = runner.get_constant_fqns()

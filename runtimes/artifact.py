@@ -11,33 +11,35 @@ from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import Manifest
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import RuntimeBase
+from dbrx_aot.tp import check_world
 
 
-
-def open_artifact(path: Path, fmt: str, device, need_weights: bool = True) -> tuple[Manifest, torch.device]:
-    """The manifest (checked), and the device: the format is there, and weights (if needed)."""
+def open_artifact(path: Path, fmt: str, device, need_weights: bool = True) -> tuple[Manifest, torch.device, int]:
+    """The manifest (checked), the device and this process's rank: the format is there, weights (if
+    needed), and the world (torchrun's ranks) matches the artifact's TP degree."""
     manifest = Manifest.read(path)
-    dev = resolve_device(device)
     if fmt not in manifest.formats:
         raise DbrxAotError(f"{path}: holds {', '.join(manifest.formats)}, not {fmt} (re-export with "
                            f"--format {fmt})")
-    if need_weights and not manifest.weights:
+    if need_weights and not manifest.has_weights():
         raise DbrxAotError(f"{path}: exported with --skip-weights (compile-only); it has no weights to run")
-    return manifest, dev
+    rank = check_world(path, manifest.tp, manifest.tp_group)
+    return manifest, resolve_device(device), rank
 
 
 def verify_artifact_files(manifest: Manifest, path: Path, fmt: str, checksums: bool, progress: bool,
-                          weights: bool = True) -> None:
-    """The two graphs of ``fmt`` and (if ``weights``) the weights: present, the right size, and
-    (unless disabled) sha256."""
+                          weights: bool = True, rank: int = 0) -> None:
+    """The two graphs of ``fmt`` and (if ``weights``) rank ``rank``'s weights: present, the right
+    size, and (unless disabled) sha256."""
     graphs = [manifest.graphs[g][fmt] for g in ("prefill", "decode")]
-    files = sorted({f"weights/{f}" for f in manifest.weights.values()}) if weights else []
+    files = manifest.weight_files(rank) if weights else []
     manifest.verify_files(path, graphs + files, checksums=checksums, progress=progress)
 
 
 class ArtifactRuntime(RuntimeBase):
-    def __init__(self, path: Path, manifest: Manifest, device: torch.device):
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device, rank: int = 0):
         self.path, self.manifest = path, manifest
+        self.rank, self.tp = rank, manifest.tp
         self.config = manifest.config
         self.tokenizer = manifest.tokenizer_obj()
         self.device = device

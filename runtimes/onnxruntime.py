@@ -43,7 +43,7 @@ class OnnxRuntime(ArtifactRuntime):
         import onnxruntime as ort
 
         path = Path(path)
-        manifest, dev = open_artifact(path, "onnx", device)
+        manifest, dev, _ = open_artifact(path, "onnx", device)
         available = ort.get_available_providers()
         providers = providers or [PROVIDER_FOR_DEVICE[dev.type]]
         missing = [p for p in providers if p not in available]
