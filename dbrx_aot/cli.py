@@ -27,6 +27,13 @@ class Context:
         self.verify_checksums = verify_checksums
 
 
+def report_error(line: str) -> None:
+    """To stderr; on a follower rank (its stderr silenced, see ``cli``) to the process's own."""
+    from dbrx_aot.tp import follower
+
+    click.echo(line, file=sys.__stderr__ if follower() else None, err=True)
+
+
 def rank_label() -> str:
     """`` (rank R)`` for the ranks other than 0 of a torchrun launch, where every rank reports."""
     from dbrx_aot.tp import follower
@@ -45,7 +52,7 @@ def handles_errors(fn):
         except DbrxAotError as err:
             if ctx is not None and ctx.debug:
                 raise
-            click.echo(f"error{rank_label()}: {err}", file=sys.__stderr__)
+            report_error(f"error{rank_label()}: {err}")
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             if ctx is not None and ctx.debug:

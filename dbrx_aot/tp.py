@@ -247,7 +247,7 @@ def check_world(path, tp: int, group: str | None) -> int:
                                f"{size} ranks; run it without torchrun, or re-export with --tp {size}")
         return 0
     if size != tp:
-        how = "without torchrun" if size == 1 else f"in a world of {size} ranks"
+        how = f"in a world of {size} ranks" if launched_by_torchrun() else "without torchrun"
         raise DbrxAotError(f"{path}: exported with --tp {tp}, launched {how}; run it as `{command}`")
     if group is not None and name != group:
         raise DbrxAotError(f"{path}: compiled for process group {group!r}, this world's group is {name!r} "
