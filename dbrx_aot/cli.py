@@ -498,7 +498,8 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
 @cli.command("inspect")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),
-              help="Instead of an artifact: the memory plan of this configuration in every weight format.")
+              help="Instead of an artifact: the memory plan of this configuration in every weight format, on "
+                   "one GPU and per rank at TP 2, 4 and 8.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="With --preset: the compute dtype (the KV cache's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -517,15 +518,13 @@ def inspect_cmd(path: Path | None, preset_name: str | None, dtype: str, as_json:
     import json
 
     from dbrx_aot.config import preset
-    from dbrx_aot.inspection import describe, format_plan, format_text, memory_plan
-    from dbrx_aot.quantize import WEIGHT_FORMATS
+    from dbrx_aot.inspection import describe, format_plan, format_text, preset_plans
 
     if (path is None) == (preset_name is None):
         raise DbrxAotError("inspect: give an artifact PATH or --preset NAME (one of them)")
     if preset_name is not None:
         config = preset(preset_name)
-        plans = [memory_plan(config, dtype, fmt) for fmt in WEIGHT_FORMATS
-                 if not (fmt == "bfloat16" and dtype != "float32")]  # bf16 storage is for fp32 compute
+        plans = preset_plans(config, dtype)
         click.echo(json.dumps(plans, indent=2) if as_json else format_plan(config, plans))
         return
     info = describe(path)

@@ -75,7 +75,8 @@ class Manifest:
             raise DbrxAotError(f"{path}: format_version={version!r}, this dbrx-aot reads version "
                                f"{FORMAT_VERSION} (re-export the artifact with this version)")
         fields = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(data))
         if missing:
             raise DbrxAotError(f"{path}: missing key {missing[0]}")
