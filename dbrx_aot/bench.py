@@ -12,6 +12,7 @@ so on a CPU it reaches less than a read-only stream: a fraction of it overstates
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import resource
@@ -21,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dbrx_aot.app import checksum_option
@@ -28,6 +30,7 @@ from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
+from dbrx_aot.tp import init_from_env, python_group, world
 
 
 def sync(device: torch.device) -> None:
@@ -71,22 +74,24 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
 
 
 def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str, itemsize: int,
-                 weights_format: str = "same") -> dict[str, int]:
-    """Bytes one decode step must read, by part. ``itemsize``: the compute dtype's (cache, norms,
-    router, embedding); the matrices are read as stored (``weights_format``): bf16 2 bytes, int8 1
-    byte plus an fp32 scale per output channel."""
-    D, F, E, k, V = config.d_model, config.ffn_hidden_size, config.moe_num_experts, config.moe_top_k, config.vocab_size
-    L, qkv = config.n_layers, config.qkv_size
+                 weights_format: str = "same", tp: int = 1) -> dict[str, int]:
+    """Bytes one decode step must read, by part, on one rank of ``tp``. ``itemsize``: the compute
+    dtype's (cache, norms, router, embedding); the matrices are read as stored (``weights_format``):
+    bf16 2 bytes, int8 1 byte plus an fp32 scale per output channel. Under tensor parallelism the
+    matrices and the cache are split, the router, norms and embedding replicated (tp.TP_SPLITS)."""
+    D, F, E, k, V = (config.d_model, config.ffn_hidden_size // tp, config.moe_num_experts, config.moe_top_k,
+                     config.vocab_size // tp)
+    L, qkv = config.n_layers, config.qkv_size // tp
     m = {"same": itemsize, "bfloat16": 2, "int8": 1}[weights_format]  # bytes per matrix element
     s = 4 if weights_format == "int8" else 0                             # bytes per output channel
     experts = E if moe == "dense" else min(E, batch_size * k)  # gather reads at most B*k distinct experts
     return {
-        "attention": L * ((qkv * D + D * D) * m + (qkv + D) * s),
+        "attention": L * ((qkv * D + D * D // tp) * m + (qkv + D) * s),
         "experts": L * experts * (3 * F * D * m + (2 * F + D) * s),
         "router_norms": L * (E * D + 2 * D) * itemsize + D * itemsize,
         "lm_head": V * D * m + V * s,
         "embedding_rows": batch_size * D * itemsize,
-        "kv_cache": 2 * L * batch_size * config.kv_n_heads * max_seq_len * config.head_dim * itemsize,
+        "kv_cache": 2 * L * batch_size * config.kv_n_heads // tp * max_seq_len * config.head_dim * itemsize,
     }
 
 
@@ -174,10 +179,16 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
         torch.cuda.empty_cache()  # the copy's buffers: give the device back to the runtimes' processes
     results = {}
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory, threads or CUDA state inherited
+    init_from_env(dev)  # under torchrun: join its world before anything runs
+    tp = world()[1]
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            result = pool.submit(bench_one, path, name, device, prompt_len, new_tokens, verify_checksums,
-                                 options if name == "aoti" else {}).result()
+        args = (path, name, device, prompt_len, new_tokens, verify_checksums, options if name == "aoti" else {})
+        if tp > 1:  # under torchrun each rank measures in its own process, in lock step with the others
+            result = bench_one(*args)
+            gc.collect()
+        else:
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                result = pool.submit(bench_one, *args).result()
         result["fraction_of_bandwidth_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / bandwidth
         result["fraction_of_read_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / read_limit
         result["random_weights"] = random_weights if name == "aoti" else None
@@ -185,8 +196,33 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     config_src = load_manifest_or_none(path)
     return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "read_bandwidth_gb_s": read_limit / 1e9,
+            "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp,
+            "collective_ms_per_decode_step": collective_ms(path, dev) if tp > 1 else None,
             "shapes": config_src, "results": results}
+
+
+def collective_ms(path: Path, device: torch.device, repeats: int = 20) -> float:
+    """The collectives of one decode step of the artifact at ``path`` alone, on this world (2
+    all_reduces of [B, 1, D] per layer, one all_gather of the [B, 1, V/N] logits), in ms: the
+    median of ``repeats``."""
+    from dbrx_aot.manifest import Manifest
+
+    m = Manifest.read(path)
+    c, B = m.config, m.batch_size
+    dtype, group, tp = m.torch_dtype(), python_group(), world()[1]
+    x = torch.zeros(B, 1, c.d_model, dtype=dtype, device=device)
+    part = torch.zeros(B, 1, c.vocab_size // tp, dtype=dtype, device=device)
+    gathered = torch.empty(tp * B, 1, c.vocab_size // tp, dtype=dtype, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(2 * c.n_layers):
+            dist.all_reduce(x, group=group)
+        dist.all_gather_single(gathered, part, group=group)
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times[1:])
 
 
 def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: int, verify_checksums: bool,
@@ -201,7 +237,8 @@ def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: i
     result = bench_runtime(rt, prompt_len, new_tokens)
     shapes = load_manifest_or_none(path)
     weights_format = shapes["weights_format"] if shapes else "same"
-    parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize, weights_format)
+    parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize, weights_format,
+                         getattr(rt, "tp", 1))
     step_bytes = sum(parts.values())
     result.update({
         "pid": os.getpid(),
@@ -229,6 +266,7 @@ def load_manifest_or_none(path: Path) -> dict | None:
         return None
     m = Manifest.read(Path(path))
     return {"batch_size": m.batch_size, "max_seq_len": m.max_seq_len, "prefill_chunk": m.prefill_chunk,
+            "tp": m.tp,
             "dtype": m.dtype, "weights_format": m.weights_format, "onnx_accuracy_level": m.onnx_accuracy_level,
             "moe_modes": m.moe_modes}
 
@@ -239,7 +277,9 @@ def format_table(report: dict) -> str:
     lines = [f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s (the limit), copy "
              f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
              f"(torch {report['torch']}, {report['threads']} threads)",
-             "RSS: each runtime's own process after the run (each runs in a fresh process)",
+             ("RSS: each runtime's own process after the run (each runs in a fresh process)" if report["tp"] == 1
+              else f"tensor parallel, {report['tp']} ranks (torchrun): figures of rank 0 (bytes and RSS per rank); "
+                   f"a decode step's collectives alone take {report['collective_ms_per_decode_step']:.2f} ms"),
              *([f"weights stored as {report['shapes']['weights_format']}, computed in {report['shapes']['dtype']}"
                 + (f"; onnxruntime MatMulNBits accuracy level {report['shapes']['onnx_accuracy_level']}"
                    if report['shapes']['onnx_accuracy_level'] is not None else "")]

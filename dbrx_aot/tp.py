@@ -168,6 +168,9 @@ def compile_world(tp: int):
     if dist.is_initialized():
         raise DbrxAotError(f"export --tp {tp} compiles in one process, outside any process group (run it "
                            "without torchrun)")
+    # torch registers the "fake" backend's constructor in this module (torch 2.9 to 2.13), not at import.
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401
+
     dist.init_process_group("fake", rank=0, world_size=tp, store=dist.HashStore())
     try:
         yield dist.group.WORLD.group_name

@@ -205,3 +205,29 @@ def test_a_lost_rank_ends_the_others_within_the_timeout(tp_artifact, tmp_path, h
     result = json.loads(out.read_text())
     assert result["error"] and "rank 0 of 2" in result["error"] and "DBRX_AOT_TP_TIMEOUT" in result["error"], result
     assert result["seconds"] < 30, result
+
+
+def test_memory_plan_per_rank():
+    """The 132B at TP 1, 2, 4, 8 in bf16: the matrices split, wte and router replicated; bf16 fits
+    2 x H200 or 4 x H100 and not fewer."""
+    from dbrx_aot.inspection import preset_plans
+
+    plans = {p["tp"]: p for p in preset_plans(preset("dbrx-132b"), "bfloat16") if p["weights_format"] == "same"}
+    assert sorted(plans) == [1, 2, 4, 8]
+    for tp, plan in plans.items():
+        assert plan["bytes"]["embedding"] == plans[1]["bytes"]["embedding"]
+        assert plan["bytes"]["experts"] * tp == plans[1]["bytes"]["experts"]
+        assert plan["kv_bytes_per_token"] * tp == plans[1]["kv_bytes_per_token"]
+    assert [plans[tp]["devices"]["H200 141GB"]["fits"] for tp in (1, 2)] == [False, True]
+    assert [plans[tp]["devices"]["H100 80GB"]["fits"] for tp in (2, 4)] == [False, True]
+    assert [p["tp"] for p in preset_plans(preset("tiny"), "float32") if p["weights_format"] == "same"] == [1, 2]
+
+
+def test_inspect_shows_each_rank(tp_artifact):
+    from dbrx_aot.inspection import describe, format_text
+
+    info = describe(tp_artifact)
+    assert info["per_rank"]["tp"] == 2 and info["per_rank"]["kv_cache_bytes"] == 2 * 2 * 2 * 1 * 64 * 16 * 4
+    text = format_text(info)
+    assert "2 ranks (torchrun), each: weights" in text
+    assert "needs 2 ranks: torchrun --nproc-per-node 2 -m dbrx_aot" in text
