@@ -90,7 +90,9 @@ class Manifest:
 
     def weights_of(self, rank: int = 0) -> dict[str, str]:
         """{graph tensor name: file under weights/} of one rank's shard (the only one when tp is 1)."""
-        return self.rank_weights[rank] if self.tp > 1 else self.weights
+        if self.tp == 1:
+            return self.weights
+        return self.rank_weights[rank] if self.rank_weights else {}  # none: exported with --skip-weights
 
     def has_weights(self) -> bool:
         return bool(self.weights_of(0))

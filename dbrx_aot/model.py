@@ -11,6 +11,10 @@ the model computes in (bf16 upcast in the kernel that reads it) or as int8 with 
 scales (``Int8Linear``, ``Int8MoE``, swapped in by ``replace_weight_format``). They are forms of
 this one module: the eager model on an int8 artifact is the exact reference for its compiled graphs.
 
+Tensor parallelism (``--tp N``, dbrx_aot/tp.py) is a transform of this module too: ``shard_model``
+cuts the parameters to one rank's share (attention keeps ``n_heads`` / ``kv_heads`` of its own) and
+adds the collectives after out_proj, the experts and lm_head as forward hooks.
+
 Static shapes: B rows, T tokens per call (T = P for prefill, 1 for decode), a KV cache of S slots.
 The cache is passed in, never held: ``DbrxModel.forward`` reads it and returns the step's new
 keys and values; ``CachedStep`` (the graph AOTInductor compiles) also writes them into the cache

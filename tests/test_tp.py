@@ -231,3 +231,40 @@ def test_inspect_shows_each_rank(tp_artifact):
     text = format_text(info)
     assert "2 ranks (torchrun), each: weights" in text
     assert "needs 2 ranks: torchrun --nproc-per-node 2 -m dbrx_aot" in text
+
+
+def test_serve_is_refused_under_torchrun(tp_artifact, monkeypatch):
+    from click.testing import CliRunner
+
+    from dbrx_aot.cli import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(cli, ["serve", str(tp_artifact)])
+    assert result.exit_code == 2 and "serve runs in one process" in result.output, result.output
+
+
+def test_chat_and_verify_under_torchrun(tp_artifact):
+    """chat reads on rank 0 and every rank follows; verify compares aoti with eager, both sharded."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "dbrx_aot", "--quiet", "chat", str(tp_artifact), "--runtime", "aoti", "--system", "Hi",
+                           "--max-new-tokens", "4", "--temperature", "0.8"],
+                          input="Hello\n/reset\nAgain\n", env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("dbrx> ") == 2 and proc.stdout.count("you> Hello") == 1, proc.stdout
+    proc = torchrun("-m", "dbrx_aot", "--quiet", "verify", tp_artifact, "--steps", "8", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert [r["runtime"] for r in report["results"]] == ["aoti"] and report["within_tolerance"]
+    assert report["results"][0]["greedy_first_difference"] is None
+
+
+def test_compile_only_tp_artifact_has_no_weights(tp_artifact):
+    """A --skip-weights TP manifest (no rank_weights): no weights to run, said on inspect and load."""
+    import dataclasses
+
+    from dbrx_aot.inspection import loadability
+
+    m = dataclasses.replace(Manifest.read(tp_artifact), rank_weights=[])
+    assert not m.has_weights() and m.weights_of(1) == {} and m.weight_files(1) == []
+    assert loadability(m, tp_artifact)["aoti"] == "exported with --skip-weights: no weights"
