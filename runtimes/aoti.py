@@ -32,11 +32,12 @@ class AotiRuntime(ArtifactRuntime):
     @classmethod
     def load(cls, path: Path, device="cpu", verify_checksums: bool = True, progress: bool = True,
              cuda_graphs: bool | None = None, random_weights: int | None = None) -> AotiRuntime:
-        """``cuda_graphs``: None is on for CUDA and off for CPU; True on CPU is an error."""
+        """``cuda_graphs``: None is on for CUDA (single-process artifacts) and off for CPU; True on CPU
+        is an error."""
         path = Path(path)
         manifest, dev, rank = open_artifact(path, "aoti", device, need_weights=random_weights is None)
-        if cuda_graphs is None:
-            cuda_graphs = dev.type == "cuda"
+        if cuda_graphs is None:  # not yet with collectives inside (never seen on NCCL): pass True to try
+            cuda_graphs = dev.type == "cuda" and manifest.tp == 1
         elif cuda_graphs and dev.type != "cuda":
             raise DbrxAotError(f"cuda_graphs=True: CUDA graphs need a CUDA device, this runtime is on {dev} "
                                "(leave the option unset, or pass False)")

@@ -144,14 +144,16 @@ def torchrun(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_tp2_matches_the_whole_model(tp_artifact, tiny_checkpoint, tmp_path):
     """aoti and eager at TP 2 against the unsharded eager model: logits over 3-chunk prefills and 32
-    decode steps within the fp32 tolerance, greedy identical over a ragged batch."""
+    decode steps within the fp32 tolerance, greedy identical over a ragged batch; and int8 shards
+    (the scales of out_proj and w2 replicated) against the whole int8 model."""
     other = make_checkpoint(tmp_path / "mha", parity_config("clip_none_mha"))  # 4 kv heads: 2 per rank
     out = tmp_path / "result.json"
     proc = torchrun(WORKER, "parity", tp_artifact, tiny_checkpoint, other, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for name, tol_key, cache in (("aoti", "aoti", [2, 2, 1, 64, 16]), ("eager", "eager", [2, 2, 1, 64, 16]),
-                                 ("eager-other", "eager", [2, 2, 2, 64, 16])):
+                                 ("eager-other", "eager", [2, 2, 2, 64, 16]),
+                                 ("eager-other-int8", "eager", [2, 2, 2, 64, 16])):
         r = results[name]
         assert r["cache"] == cache, name
         assert r["max_abs_error"] <= TOLERANCE[(tol_key, torch.float32)], (name, r)

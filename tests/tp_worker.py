@@ -1,6 +1,7 @@
 """One rank of a tensor-parallel run, launched by tests/test_tp.py (torchrun, or its own launcher).
 
-    parity ART CKPT OTHER_CKPT OUT   aoti and eager TP shards of ART (and eager TP of OTHER_CKPT)
+    parity ART CKPT OTHER_CKPT OUT   aoti and eager TP shards of ART (and eager TP of OTHER_CKPT, as it
+                                     is and quantised to int8)
                                      against the whole model in this process (verify.compare:
                                      chunked prefill, 32 decode steps, greedy over a ragged batch)
     dead ART OUT                     rank 1 exits after one step; rank 0 reports what it saw
@@ -30,10 +31,11 @@ from dbrx_aot.verify import compare
 STEPS = 32
 
 
-def whole_model(checkpoint: Path, batch_size: int, max_seq_len: int, prefill_chunk: int) -> EagerRuntime:
+def whole_model(checkpoint: Path, batch_size: int, max_seq_len: int, prefill_chunk: int,
+                weights: str = "same") -> EagerRuntime:
     """The unsharded eager model, in this rank's process (tp=1 whatever the world)."""
     config = DbrxConfig.from_file(checkpoint)
-    model = load_model(checkpoint, config, torch.float32, "cpu", progress=False)
+    model = load_model(checkpoint, config, torch.float32, "cpu", progress=False, weights_format=weights)
     return EagerRuntime(model, Tokenizer.from_checkpoint(checkpoint), batch_size=batch_size,
                         max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
 
@@ -51,6 +53,9 @@ def parity(artifact: Path, checkpoint: Path, other: Path, out: Path) -> None:
     small = [[(13 * i + 5) % 250 for i in range(n)] for n in (7, 17)]
     results["eager-other"] = compare(sharded, whole_model(other, 2, 64, 8), small, STEPS)
     results["eager-other"]["cache"] = list(sharded.new_cache().k.shape)
+    int8 = load_runtime(other, "eager", batch_size=2, max_seq_len=64, prefill_chunk=8, weights="int8", progress=False)
+    results["eager-other-int8"] = compare(int8, whole_model(other, 2, 64, 8, "int8"), small, STEPS)
+    results["eager-other-int8"]["cache"] = list(int8.new_cache().k.shape)
     if torch.distributed.get_rank() == 0:
         out.write_text(json.dumps(results))
 
