@@ -270,3 +270,15 @@ def test_compile_only_tp_artifact_has_no_weights(tp_artifact):
     m = dataclasses.replace(Manifest.read(tp_artifact), rank_weights=[])
     assert not m.has_weights() and m.weights_of(1) == {} and m.weight_files(1) == []
     assert loadability(m, tp_artifact)["aoti"] == "exported with --skip-weights: no weights"
+
+
+def test_bench_under_torchrun(tp_artifact):
+    """Each rank measures in its own process (no per-runtime subprocess outside the world), bytes
+    per rank, the step's collectives timed alone; random weights are cut to each rank's shard."""
+    proc = torchrun("-m", "dbrx_aot", "--quiet", "bench", tp_artifact, "--runtime", "aoti", "--random-weights", "0",
+                    "--prompt-len", "8", "--new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["tp"] == 2 and report["collective_ms_per_decode_step"] > 0
+    aoti = report["results"]["aoti"]
+    assert aoti["decode_tokens_per_s"] > 0 and aoti["decode_bytes_by_part"]["kv_cache"] == 2 * 2 * 2 * 1 * 64 * 16 * 4
