@@ -122,8 +122,14 @@ class Attention(nn.Module):
         self.Wqkv = Linear(config.d_model, config.qkv_size)
         self.out_proj = Linear(config.d_model, config.d_model)
 
+    # False: the attention written out (scores against the cache and the call's keys, fp32 softmax);
+    # True: torch's scaled_dot_product_attention over the cache and the call's keys concatenated
+    # (a copy of the cache per layer; its kernels accumulate the softmax in fp32 for half-precision
+    # inputs). Set by ``use_sdpa`` (export's --attention; AOTInductor graphs).
+    sdpa = False
+
     def forward(self, x, cos, sin, k_cache, v_cache, mask):
-        # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, G*T, S+T]
+        # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, T, S+T]
         c = self.config
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.kv_heads, c.head_dim
@@ -138,6 +144,12 @@ class Attention(nn.Module):
         v = v.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if self.sdpa:
+            keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)  # [B, K, S+T, hd]
+            out = F_.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, T, hd]
+            out = out.transpose(1, 2).reshape(B, T, H * hd)              # [B, T, H*hd]
+            return self.out_proj(out), k, v
+        mask = mask.repeat(1, 1, G, 1)                                  # [B, 1, G*T, S+T]
         # Query head h uses kv head h // G: group the G query heads of a kv head as rows.
         qg = q.reshape(B, K, G * T, hd)                                 # [B, K, G*T, hd]
         scale = 1.0 / math.sqrt(hd)
@@ -272,15 +284,13 @@ class DbrxModel(nn.Module):
         c = self.config
         B, T = tokens.shape
         S = k_cache.shape[3]
-        G = c.n_heads // c.kv_n_heads
         x = self.wte(tokens)                                            # [B, T, D]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         slots = torch.arange(S, device=tokens.device)
         cached = slots[None, :] < positions[:, :1]                       # [B, S]
         index = torch.arange(T, device=tokens.device)
         causal = index[None, :] <= index[:, None]                        # [T, T]
-        mask = torch.cat((cached[:, None, :].expand(B, G * T, S),
-                          causal.repeat(G, 1)[None].expand(B, G * T, T)), dim=-1)[:, None]  # [B, 1, G*T, S+T]
+        mask = torch.cat((cached[:, None, :].expand(B, T, S), causal[None].expand(B, T, T)), dim=-1)[:, None]  # [B, 1, T, S+T]
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe)
@@ -288,6 +298,14 @@ class DbrxModel(nn.Module):
             new_v.append(v)
         logits = self.lm_head(self.norm_f(x))                           # [B, T, V]
         return logits, torch.stack(new_k), torch.stack(new_v)           # [L, B, K, T, hd]
+
+
+def use_sdpa(module: nn.Module) -> nn.Module:
+    """Every attention below ``module`` through scaled_dot_product_attention (``Attention.sdpa``), in place."""
+    for child in module.modules():
+        if isinstance(child, Attention):
+            child.sdpa = True
+    return module
 
 
 def use_rowdot(module: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch._inductor
 
-from dbrx_aot.model import DbrxModel, use_rowdot
+from dbrx_aot.model import DbrxModel, use_rowdot, use_sdpa
 from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
 
 INDUCTOR_CONFIGS = {
@@ -25,11 +25,18 @@ def uses_rowdot(spec: GraphSpec, batch_size: int, device: torch.device) -> bool:
     return device.type == "cpu" and spec.tokens == 1 and batch_size == 1
 
 
-def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path) -> Path:
-    """torch.export the in-place-cache graph and compile it into ``out`` (.pt2)."""
-    if uses_rowdot(spec, batch_size, next(model.parameters()).device):
+def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path,
+                    attention: str = "math") -> Path:
+    """torch.export the in-place-cache graph and compile it into ``out`` (.pt2); ``attention``:
+    ``math`` or ``sdpa`` (trace.resolve_attention)."""
+    device = next(model.parameters()).device
+    if uses_rowdot(spec, batch_size, device) or attention == "sdpa":
         # A structural copy sharing the same parameters (no weight is copied).
-        model = use_rowdot(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
+        model = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+        if uses_rowdot(spec, batch_size, device):
+            use_rowdot(model)
+        if attention == "sdpa":
+            use_sdpa(model)
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch_deprecations_hidden():

@@ -22,7 +22,7 @@ from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_store
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
-from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, stage
+from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, resolve_attention, stage
 from dbrx_aot.model import MOE_MODES, resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
@@ -65,14 +65,15 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
                     batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
                     moe: str = "auto", weights_format: str = "same", onnx_accuracy_level: int | None = None,
-                    tp: int = 1, force: bool = False,
+                    tp: int = 1, attention: str = "auto", force: bool = False,
                     skip_weights: bool = False, config: DbrxConfig | None = None,
                     progress: bool = True) -> ExportReport:
     """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
 
     ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py);
     ``onnx_accuracy_level`` (int8 only): the ONNX linear layers as MatMulNBits at that level.
-    ``tp``: tensor-parallel degree: one package per graph for every rank, each rank's weights in
+    ``attention``: how the AOTInductor graphs compute attention (``auto``, ``math``, ``sdpa``;
+    export/aoti.py: resolve_attention). ``tp``: tensor-parallel degree: one package per graph for every rank, each rank's weights in
     weights/rank-R/ (dbrx_aot/tp.py).
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
@@ -109,10 +110,11 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
     if moe not in MOE_MODES:
         raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
-    if out.exists() and not force:
-        raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
     specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, config)),
              "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, config))}
+    attention_modes = {name: resolve_attention(attention, spec, dev) for name, spec in specs.items()}
+    if out.exists() and not force:
+        raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
 
     tmp = staging_dir(out)
     timings: dict[str, dict] = {}
@@ -137,8 +139,10 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
                 for name in GRAPHS:
                     with stage(f"aoti {name}: export + compile", timings, bar):
-                        compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2")
+                        compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2",
+                                        attention_modes[name])
                     graphs[name]["aoti"] = f"aoti/{name}.pt2"
+                    graphs[name]["aoti_attention"] = attention_modes[name]
                     graphs[name]["aoti_linear"] = "rowdot" if uses_rowdot(specs[name], batch_size, dev) else "mm"
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
@@ -161,7 +165,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             dtype=str(torch_dtype).removeprefix("torch."), batch_size=batch_size, max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
             formats=list(formats), graphs=graphs, weights=weights, weights_format=weights_format,
-            onnx_accuracy_level=onnx_accuracy_level, tp=tp, tp_group=tp_group,
+            onnx_accuracy_level=onnx_accuracy_level, tp=tp, tp_group=tp_group, attention=attention,
             rank_weights=rank_weights if tp > 1 else [],
             tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
                        "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},

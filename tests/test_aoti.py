@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 import dbrx_aot
 import dbrx_aot.export
-from conftest import copy_artifact
+from conftest import copy_artifact, parity_config
 from dbrx_aot.cli import cli
 from dbrx_aot.errors import DbrxAotError
 
@@ -28,6 +29,41 @@ def test_rowdot_linear_equals_linear():
     got = [model.blocks[0].attn.Wqkv(x), model.lm_head(x), model.blocks[1].ffn.router(x)]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["base", "clip_none_mha", "clip_active_mqa", "topk_all_odd"])
+def test_sdpa_attention_equals_the_written_out_one(case):
+    """use_sdpa (--attention sdpa) against the module it replaces: chunks at a cache offset, a
+    ragged batch, one-token decode; GQA, MHA and MQA."""
+    from dbrx_aot.model import CachedStep, DbrxModel, cache_shape, use_sdpa
+
+    torch.manual_seed(0)
+    config = parity_config(case)
+    model = DbrxModel(config).eval().requires_grad_(False)
+    for p in model.parameters():  # the expert tensors are made uninitialised
+        p.normal_(0, 0.2)
+    sdpa = use_sdpa(copy.deepcopy(model))
+    assert all(b.attn.sdpa for b in sdpa.blocks) and not any(b.attn.sdpa for b in model.blocks)
+    cache = torch.randn(cache_shape(config, 2, 32))
+    for T, start in ((8, 0), (8, 11), (1, 25)):
+        tokens = torch.randint(0, config.vocab_size, (2, T))
+        positions = (torch.arange(T) + torch.tensor([[start], [start + 3]])).contiguous()
+        caches = [(cache.clone(), cache.clone()) for _ in range(2)]
+        with torch.no_grad():
+            want = CachedStep(model, "dense")(tokens, positions, *caches[0])
+            got = CachedStep(sdpa, "dense")(tokens, positions, *caches[1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[1][0], caches[0][0])
+
+
+def test_attention_form_per_graph(artifacts, tiny_checkpoint, tmp_path):
+    """auto on CPU: sdpa for prefill, the written-out form for decode; recorded per graph."""
+    from dbrx_aot.export.artifact import export_artifact
+
+    graphs = json.loads((artifacts["auto"] / "manifest.json").read_text())["graphs"]
+    assert (graphs["prefill"]["aoti_attention"], graphs["decode"]["aoti_attention"]) == ("sdpa", "math")
+    with pytest.raises(DbrxAotError, match="--attention flash: expected one of auto, math, sdpa"):
+        export_artifact(tiny_checkpoint, tmp_path / "x", attention="flash", progress=False)
 
 
 def test_cpu_decode_at_batch_1_uses_rowdot(artifacts):

@@ -32,11 +32,12 @@ STEPS_PER_ROW = 32  # tp_worker.STEPS
 
 @pytest.fixture(scope="session")
 def tp_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny preset at TP 2, fp32, aoti (batch 2: ragged batches), exported once per session."""
+    """The tiny preset at TP 2, fp32, aoti (batch 2: ragged batches), exported once per session;
+    its prefill graph in the written-out attention (the other CPU artifacts' auto picks sdpa)."""
     from dbrx_aot.export import export_artifact
 
     return export_artifact(tiny_checkpoint, tmp_path_factory.mktemp("tp") / "tp2", formats="aoti", tp=2,
-                           progress=False, **TP_SHAPES).path
+                           attention="math", progress=False, **TP_SHAPES).path
 
 
 # -- the split table, without processes -------------------------------------------------------------
@@ -104,6 +105,7 @@ def test_tp_artifact_layout(tp_artifact):
     the caches are the rank's share of the kv heads."""
     m = Manifest.read(tp_artifact)
     assert (m.tp, m.tp_group, m.weights) == (2, "0", {})
+    assert m.graphs["prefill"]["aoti_attention"] == m.graphs["decode"]["aoti_attention"] == "math"
     assert sorted(p.relative_to(tp_artifact).as_posix() for p in (tp_artifact / "aoti").iterdir()) == \
         ["aoti/decode.pt2", "aoti/prefill.pt2"]
     for rank in range(2):
