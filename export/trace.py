@@ -65,8 +65,9 @@ class GraphSpec:
 
 def resolve_attention(attention: str, spec: GraphSpec, device: torch.device) -> str:
     """``auto``: scaled_dot_product_attention for CPU prefill graphs, where it was measured faster
-    (small preset, S=2048: 705 vs 567 tok/s at P=512, 558 vs 543 at P=64; decode 38 vs 37 tok/s);
-    the written-out form elsewhere (CUDA: not measured yet)."""
+    (small preset, S=2048, P=512: 565-574 vs 456-459 tok/s; P=64: 558 vs 543); the written-out
+    form elsewhere: CPU decode gains nothing (sdpa copies the cache per layer: 33 vs 41-46 tok/s),
+    and CUDA is not measured yet."""
     if attention not in ATTENTION_MODES:
         raise DbrxAotError(f"--attention {attention}: expected one of {', '.join(ATTENTION_MODES)}")
     if attention == "auto":
