@@ -87,14 +87,17 @@ TARGETS = [
 OPTIONAL_STAGES = ("tests", "bench", "slice")
 
 
-def slice_runs(plan) -> list[tuple[int, str]]:
-    """(batch, --weights) of each slice run: every batch size as stored (the plan's dtype), and
-    batch 1 with int8 weights (issue 10: int8 against bf16 at real width)."""
-    return [(B, "same") for B in plan.slice_batches] + [(plan.slice_batches[0], "int8")]
+def slice_runs(plan) -> list[tuple[int, str, str]]:
+    """(batch, --weights, --attention) of each slice run: every batch size as stored (the plan's
+    dtype), batch 1 with int8 weights (issue 10: int8 against bf16 at real width), and batch 1
+    with scaled_dot_product_attention (issue 13: sdpa against the written-out attention)."""
+    B = plan.slice_batches[0]
+    return [(b, "same", "auto") for b in plan.slice_batches] + [(B, "int8", "auto"), (B, "same", "sdpa")]
 
 
-def slice_name(batch: int, weights: str) -> str:
-    return f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
+def slice_name(batch: int, weights: str, attention: str = "auto") -> str:
+    return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
+            + ("" if attention == "auto" else f"-{attention}"))
 
 
 class Check:
@@ -242,13 +245,13 @@ class Check:
                          "--force")])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
-            for B, weights in slice_runs(p):
-                name = slice_name(B, weights)
+            for B, weights, attention in slice_runs(p):
+                name = slice_name(B, weights, attention)
                 jobs[f"slice {name}"] = (w / f"slice-{name}", [self.cli(
                     "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
                     "-o", str(w / f"slice-{name}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
-                    "--weights", weights, "--batch-size", str(B), "--max-seq-len", str(S), "--prefill-chunk", str(P),
-                    "--force")])
+                    "--weights", weights, "--attention", attention, "--batch-size", str(B), "--max-seq-len", str(S),
+                    "--prefill-chunk", str(P), "--force")])
         return jobs
 
     def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
@@ -324,8 +327,8 @@ class Check:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
-        for B, weights in slice_runs(p):
-            name = slice_name(B, weights)
+        for B, weights, attention in slice_runs(p):
+            name = slice_name(B, weights, attention)
             args = (self.work / f"slice-{name}", "--runtime", "aoti", "--random-weights", "0",
                     "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
             try:
@@ -342,7 +345,8 @@ class Check:
             r = report["results"]["aoti"]
             self.figures["slice"][name] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
                                            "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                           "weights": weights, "prompt_len": p.slice_prompt_len, **pick(r)}
+                                           "weights": weights, "attention": attention,
+                                           "prompt_len": p.slice_prompt_len, **pick(r)}
             texts.append(f"{name}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                          f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
                          f"prefill {r['prefill_tokens_per_s']:.0f} tok/s")
@@ -475,11 +479,12 @@ def format_summary(s: dict) -> str:
         sl = fig["slice"]
         lines += ["", f"## Real-width slice: {sl['preset']}, {sl['layers']} layers, {sl['dtype']}, aoti on random "
                       "weights made on the device", "",
-                  "| batch | weights | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
+                  "| batch | weights | attention | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
                   "of copy | read GB/s | of read | prefill tok/s (prompt) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in runs.items():
             lines.append(f"| {name.removeprefix('batch').split('-')[0]} | {r.get('weights', 'same')} | "
+                         f"{r.get('attention', 'auto')} | "
                          f"{'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
                          f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
                          f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
