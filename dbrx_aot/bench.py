@@ -107,11 +107,13 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
         raise DbrxAotError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the cache of {S} positions")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(rt.config.vocab_size, 100000), (B, prompt_len), generator=g)
-    chunks = [(tokens, positions) for _, tokens, positions in prefill_chunks(prompt.tolist(), P, S)]
+    # As generation runs it: logits at each row's last prompt token only (chunks before it: any position).
+    chunks = [(tokens, positions, torch.full((B,), min(P, prompt_len - start) - 1))
+              for start, tokens, positions in prefill_chunks(prompt.tolist(), P, S)]
 
     def run_prefill(cache):
-        for tokens, positions in chunks:
-            logits = rt.prefill(tokens, positions, cache)
+        for tokens, positions, index in chunks:
+            logits = rt.prefill(tokens, positions, cache, index)
         return logits
 
     cache = rt.new_cache()
@@ -126,7 +128,7 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
         logits = run_prefill(cache)
         sync(rt.device)
         prefill_times.append(time.perf_counter() - start)
-    nxt = logits[:, (prompt_len - 1) % P].argmax(-1, keepdim=True)
+    nxt = logits[:, 0].argmax(-1, keepdim=True)
     step_ms = []
     for i in range(new_tokens):
         positions = torch.full((B, 1), prompt_len + i)

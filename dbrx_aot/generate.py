@@ -101,13 +101,15 @@ def generate(runtime: Runtime, prompts: Sequence[Sequence[int]], *, max_new_toke
     offs = offsets + [0] * (B - n)
     lengths = [len(r) for r in rows]
 
-    # Prefill, chunk by chunk; each row's next-token logits come from the chunk holding its last token.
+    # Prefill, chunk by chunk; each row's next-token logits come from the chunk holding its last
+    # token, the only position whose logits the prefill graph computes (logit_index).
     last = torch.empty(B, V, device=device, dtype=torch.float32)
     for start, tokens, positions in prefill_chunks(rows, P, S, offs):
-        logits = runtime.prefill(tokens, positions, cache)
+        ends = [lengths[b] - 1 - start for b in range(B)]                # each row's last token, in this chunk
+        logits = runtime.prefill(tokens, positions, cache, torch.tensor([e if 0 <= e < P else 0 for e in ends]))
         for b in range(B):
-            if start <= lengths[b] - 1 < start + P:
-                last[b] = logits[b, lengths[b] - 1 - start].float()
+            if 0 <= ends[b] < P:
+                last[b] = logits[b, 0].float()
 
     out: list[list[int]] = [[] for _ in range(n)]
     done = [b >= n for b in range(B)]

@@ -22,7 +22,7 @@ from dbrx_aot.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "dbrx-aot-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the prefill graph takes logit_index [B] and returns logits [B, 1, V]
 WEIGHTS_DIR = "weights"
 
 

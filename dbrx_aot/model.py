@@ -276,10 +276,14 @@ class DbrxModel(nn.Module):
         self.norm_f = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
         self.lm_head = Linear(config.d_model, config.vocab_size)
 
-    def forward(self, tokens, positions, k_cache, v_cache, moe: MoeMode = "dense"):
-        """tokens, positions [B, T] int64; k_cache, v_cache [L, B, K, S, hd], read only.
+    def forward(self, tokens, positions, k_cache, v_cache, moe: MoeMode = "dense", logit_index=None):
+        """tokens, positions [B, T] int64; k_cache, v_cache [L, B, K, S, hd], read only; logit_index
+        [B] int64 or None.
 
-        Returns logits [B, T, V] and the call's new keys and values [L, B, K, T, hd].
+        Returns logits [B, T, V] (with ``logit_index``: [B, 1, V], row b's at its token
+        logit_index[b] only: generation samples from one position per row, and lm_head over the
+        whole vocabulary is the largest matmul a prompt token costs) and the call's new keys and
+        values [L, B, K, T, hd].
         """
         c = self.config
         B, T = tokens.shape
@@ -296,7 +300,9 @@ class DbrxModel(nn.Module):
             x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe)
             new_k.append(k)
             new_v.append(v)
-        logits = self.lm_head(self.norm_f(x))                           # [B, T, V]
+        if logit_index is not None:
+            x = x.gather(1, logit_index[:, None, None].expand(B, 1, x.shape[-1]))  # [B, 1, D]
+        logits = self.lm_head(self.norm_f(x))                           # [B, T or 1, V]
         return logits, torch.stack(new_k), torch.stack(new_v)           # [L, B, K, T, hd]
 
 
@@ -358,8 +364,8 @@ class CachedStep(nn.Module):
         self.model = model
         self.moe = moe
 
-    def forward(self, tokens, positions, k_cache, v_cache):
-        logits, new_k, new_v = self.model(tokens, positions, k_cache, v_cache, self.moe)
+    def forward(self, tokens, positions, k_cache, v_cache, logit_index=None):
+        logits, new_k, new_v = self.model(tokens, positions, k_cache, v_cache, self.moe, logit_index)
         write_cache_(k_cache, v_cache, new_k, new_v, positions)
         return logits
 
@@ -372,8 +378,8 @@ class FunctionalStep(nn.Module):
         self.model = model
         self.moe = moe
 
-    def forward(self, tokens, positions, k_cache, v_cache):
-        return self.model(tokens, positions, k_cache, v_cache, self.moe)
+    def forward(self, tokens, positions, k_cache, v_cache, logit_index=None):
+        return self.model(tokens, positions, k_cache, v_cache, self.moe, logit_index)
 
 
 def cache_shape(config: DbrxConfig, batch_size: int, max_seq_len: int, tp: int = 1) -> tuple[int, ...]:

@@ -323,7 +323,8 @@ class Scheduler:
             else:
                 starts[b] = slot.pos  # a decoding row: junk only at slots it rewrites before reading
         positions = (starts[:, None] + torch.arange(P)).clamp(max=S - 1)  # [B, P]
-        logits = rt.prefill(tokens, positions, self.cache)                # [B, P, V]
+        index = torch.tensor([chunk.get(b, 1) - 1 for b in range(B)])       # each row's last prompt token here
+        logits = rt.prefill(tokens, positions, self.cache, index)          # [B, 1, V]
         done = []
         for b, n in chunk.items():
             slot = self.rows[b]
@@ -333,7 +334,7 @@ class Scheduler:
                 slot.pos = slot.fed
                 done.append(b)
         if done:
-            ids = self._sample(done, torch.stack([logits[b, chunk[b] - 1] for b in done]))
+            ids = self._sample(done, torch.stack([logits[b, 0] for b in done]))
             for b, token in zip(done, ids):
                 self._emit_isolated(b, token)
 

@@ -61,7 +61,9 @@ def export_onnx(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len:
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(FunctionalStep(model, spec.moe), args, dynamo=True, optimize=False,
-                                    opset_version=OPSET, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                                    opset_version=OPSET,
+                                    input_names=INPUT_NAMES + ["logit_index"] * spec.selects_logits,
+                                    output_names=OUTPUT_NAMES,
                                     custom_translation_table=table, verbose=False)
     ranges = {}
     for file in sorted(set(weights.values())):

@@ -62,6 +62,11 @@ class GraphSpec:
     tokens: int       # T: P for prefill, 1 for decode
     moe: MoeMode
 
+    @property
+    def selects_logits(self) -> bool:
+        """Prefill takes ``logit_index`` [B] and returns one position's logits per row [B, 1, V]."""
+        return self.name == "prefill"
+
 
 def resolve_attention(attention: str, spec: GraphSpec, device: torch.device) -> str:
     """``auto``: scaled_dot_product_attention for CPU prefill graphs, where it was measured faster
@@ -79,10 +84,13 @@ def example_inputs(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq
                    dtype: torch.dtype, device: torch.device, tp: int = 1) -> tuple[torch.Tensor, ...]:
     shape = cache_shape(config, batch_size, max_seq_len, tp)
     T = spec.tokens
-    return (torch.zeros(batch_size, T, dtype=torch.int64, device=device),
-            torch.arange(T, device=device).expand(batch_size, T).contiguous(),
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device))
+    inputs = (torch.zeros(batch_size, T, dtype=torch.int64, device=device),
+              torch.arange(T, device=device).expand(batch_size, T).contiguous(),
+              torch.empty(shape, dtype=dtype, device=device),
+              torch.empty(shape, dtype=dtype, device=device))
+    if spec.selects_logits:
+        inputs += (torch.full((batch_size,), T - 1, dtype=torch.int64, device=device),)
+    return inputs
 
 
 def io_description(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int, dtype: torch.dtype,
@@ -95,7 +103,10 @@ def io_description(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq
               {"name": "positions", "shape": [batch_size, T], "dtype": "int64"},
               {"name": "k_cache", "shape": cache, "dtype": dt},
               {"name": "v_cache", "shape": cache, "dtype": dt}]
-    outputs = [{"name": "logits", "shape": [batch_size, T, config.vocab_size], "dtype": dt}]
+    if spec.selects_logits:
+        inputs.append({"name": "logit_index", "shape": [batch_size], "dtype": "int64"})
+    outputs = [{"name": "logits", "shape": [batch_size, 1 if spec.selects_logits else T, config.vocab_size],
+                "dtype": dt}]
     if functional:
         new = [config.n_layers, batch_size, config.kv_n_heads, T, config.head_dim]
         outputs += [{"name": "new_k", "shape": new, "dtype": dt}, {"name": "new_v", "shape": new, "dtype": dt}]

@@ -74,8 +74,12 @@ class Runtime(Protocol):
 
     def new_cache(self) -> KVCache: ...
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens, positions [B, P] -> logits [B, P, V]; writes the P positions into ``cache``."""
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions [B, P] -> logits; writes the P positions into ``cache``. With
+        ``logit_index`` [B] (the chunk position each row samples from): [B, 1, V], what generation
+        needs; without: every position's, [B, P, V] (verification: a compiled runtime runs the
+        chunk once per position)."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions [B, 1] -> logits [B, 1, V]; writes the position into ``cache``."""
@@ -123,20 +127,37 @@ class RuntimeBase:
         return (tokens.to(self.device, torch.int64).contiguous(),
                 positions.to(self.device, torch.int64).contiguous())
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                logit_index: torch.Tensor | None = None) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        return self.run_checked("prefill", tokens, positions, cache)
+        if logit_index is None:
+            return self.prefill_every_position(tokens, positions, cache)
+        index = torch.as_tensor(logit_index).to(self.device, torch.int64).contiguous()
+        if tuple(index.shape) != (self.batch_size,) or not bool(((index >= 0) & (index < self.prefill_chunk)).all()):
+            raise DbrxAotError(f"{self.name} runtime: logit_index {index.tolist()}, expected {self.batch_size} chunk "
+                               f"positions in [0, {self.prefill_chunk})")
+        return self.run_checked("prefill", tokens, positions, cache, index)
+
+    def prefill_every_position(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """[B, P, V]: the compiled prefill graphs return one position per row, so the chunk runs once per
+        position (each run writes the same keys and values into the cache): P times the work, for
+        verification only. The eager runtime computes them in one call."""
+        B, P = tokens.shape
+        return torch.cat([self.run_checked("prefill", tokens, positions, cache,
+                                           torch.full((B,), i, dtype=torch.int64, device=self.device))
+                          for i in range(P)], dim=1)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, 1)
         return self.run_checked("decode", tokens, positions, cache)
 
-    def run_checked(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_checked(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    logit_index: torch.Tensor | None = None) -> torch.Tensor:
         with torch.inference_mode():
             if self.tp == 1:
-                return self.run_graph(graph, tokens, positions, cache)
+                return self.run_graph(graph, tokens, positions, cache, logit_index)
             try:
-                return self.run_graph(graph, tokens, positions, cache)
+                return self.run_graph(graph, tokens, positions, cache, logit_index)
             except RuntimeError as err:  # gloo / NCCL report a dead or stalled peer this way
                 raise DbrxAotError(
                     f"{self.name} runtime, rank {self.rank} of {self.tp}: the {graph} step failed "
@@ -144,8 +165,10 @@ class RuntimeBase:
                     f"or stalled past the process-group timeout ({timeout().total_seconds():g} s, "
                     "DBRX_AOT_TP_TIMEOUT)") from None
 
-    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run the prefill or decode graph on checked inputs (what each runtime implements)."""
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prefill or decode graph on checked inputs (what each runtime implements);
+        ``logit_index`` [B] for prefill (None: every position, where the runtime can)."""
         raise NotImplementedError
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -89,9 +89,10 @@ class AotiRuntime(ArtifactRuntime):
                               check_full_update=True, user_managed=True)
         return runner
 
-    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  logit_index: torch.Tensor | None = None) -> torch.Tensor:
         if graph == "prefill":
-            return self._prefill(tokens, positions, cache.k, cache.v)
+            return self._prefill(tokens, positions, cache.k, cache.v, logit_index)
         if self.decode_graphs is not None:
             return self.decode_graphs(tokens, positions, cache)
         return self._decode(tokens, positions, cache.k, cache.v)

@@ -82,6 +82,11 @@ class EagerRuntime(RuntimeBase):
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
                    prefill_chunk=prefill_chunk, moe=moe, rank=rank, tp=size)
 
-    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        step = self._prefill if graph == "prefill" else self._decode
-        return step(tokens, positions, cache.k, cache.v)
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        if graph == "prefill":
+            return self._prefill(tokens, positions, cache.k, cache.v, logit_index)
+        return self._decode(tokens, positions, cache.k, cache.v)
+
+    def prefill_every_position(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.run_checked("prefill", tokens, positions, cache)  # the module computes them all in one call

@@ -89,11 +89,14 @@ class OnnxRuntime(ArtifactRuntime):
         return {o["name"]: torch.empty(o["shape"], dtype=self.dtype, device=self.device)
                 for o in self.manifest.graphs[graph]["onnx_outputs"]}
 
-    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  logit_index: torch.Tensor | None = None) -> torch.Tensor:
         session = self.sessions[graph]
         io = session.io_binding()
         # Bound by pointer (check_call made them contiguous, on this device); referenced until the run ends.
         inputs = {"tokens": tokens, "positions": positions, "k_cache": cache.k, "v_cache": cache.v}
+        if graph == "prefill":
+            inputs["logit_index"] = logit_index
         for name, tensor in inputs.items():
             bind(io, name, tensor)
         outputs = self._outputs[graph]

@@ -75,7 +75,7 @@ def test_cpu_decode_at_batch_1_uses_rowdot(artifacts):
 
 def test_manifest_records_the_build(artifacts):
     manifest = json.loads((artifacts["auto"] / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["format_version"] == 2 and manifest["versions"]["torch"] == torch.__version__
     assert manifest["moe_modes"] == {"prefill": "dense", "decode": "gather"}
     assert (manifest["batch_size"], manifest["max_seq_len"], manifest["prefill_chunk"]) == (2, 64, 8)
     assert manifest["graphs"]["decode"]["inputs"][2] == {"name": "k_cache", "shape": [2, 2, 2, 64, 16],

@@ -40,9 +40,10 @@ class FakeRuntime(RuntimeBase):
         logits = torch.nn.functional.one_hot(nxt, V).float() * (1.0 if self.spread else 10.0)
         return logits
 
-    def prefill(self, tokens, positions, cache):
+    def prefill(self, tokens, positions, cache, logit_index=None):
         tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        return self._logits(tokens, positions, cache)
+        logits = self._logits(tokens, positions, cache)
+        return logits if logit_index is None else logits[torch.arange(len(tokens)), logit_index][:, None]
 
     def decode(self, tokens, positions, cache):
         tokens, positions = self.check_call(tokens, positions, cache, 1)

@@ -48,8 +48,8 @@ def test_half_precision_bar_rejects_a_wrong_graph(half_artifacts, monkeypatch):
     real = AotiRuntime.run_graph
     noise = torch.Generator().manual_seed(0)
 
-    def off(self, graph, tokens, positions, cache):
-        logits = real(self, graph, tokens, positions, cache)
+    def off(self, graph, tokens, positions, cache, logit_index=None):
+        logits = real(self, graph, tokens, positions, cache, logit_index)
         return logits + 0.5 * torch.randn(logits.shape, generator=noise).to(logits.dtype)
 
     monkeypatch.setattr(AotiRuntime, "run_graph", off)

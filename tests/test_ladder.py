@@ -30,6 +30,11 @@ def check_prefill_and_decode(runtime, eager, atol: float) -> None:
         expected = eager.prefill(tokens, positions, c_eager)
         got = runtime.prefill(tokens, positions, c_rt)
         torch.testing.assert_close(got[:, :n], expected[:, :n], atol=atol, rtol=0)
+        # The graph's own path (generation's): one position per row, chosen by logit_index.
+        index = (torch.arange(B) * 3 + start) % n
+        selected = runtime.prefill(tokens, positions, c_rt, index)
+        assert selected.shape == (B, 1, eager.config.vocab_size)
+        torch.testing.assert_close(selected[:, 0], expected[torch.arange(B), index], atol=atol, rtol=0)
     nxt = expected[:, n - 1].argmax(-1)
     for step in range(STEPS):
         positions = torch.full((B, 1), P + 5 + step)

@@ -111,3 +111,18 @@ def test_torch_export_in_every_moe_mode(path, moe, graph):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
         if isinstance(step, CachedStep):  # the cache mutation survives export
             torch.testing.assert_close(exported_args[2], eager_args[2], atol=ATOL, rtol=0)
+
+
+def test_logit_index_selects_one_position_per_row(path):
+    """prefill(..., logit_index) computes lm_head at one chunk position per row: the same logits as
+    every position's at that index; an index outside the chunk is the caller's error."""
+    rt = load(path, batch_size=2)
+    tokens = torch.tensor([ids(8, 3), ids(8, 4)])
+    positions = torch.arange(8).expand(2, 8)
+    every = rt.prefill(tokens, positions, rt.new_cache())
+    index = torch.tensor([7, 2])
+    one = rt.prefill(tokens, positions, rt.new_cache(), index)
+    assert one.shape == (2, 1, every.shape[-1])
+    torch.testing.assert_close(one[:, 0], every[torch.arange(2), index], atol=ATOL, rtol=0)
+    with pytest.raises(dbrx_aot.DbrxAotError, match=r"logit_index \[8, 0\], expected 2 chunk positions in \[0, 8\)"):
+        rt.prefill(tokens, positions, rt.new_cache(), torch.tensor([8, 0]))
