@@ -44,7 +44,9 @@ demo: setup $(DEMO_DIR)/artifact/manifest.json
 			--max-new-tokens 48 || exit 1; \
 	done
 
-$(DEMO_DIR)/artifact/manifest.json: $(DEMO_CHECKPOINT)/config.json $(VENV)/.installed
+# Re-exported when the checkpoint, the install or the code that builds the graphs changes (an
+# artifact compiled by older code may not load: its manifest format or graph inputs differ).
+$(DEMO_DIR)/artifact/manifest.json: $(DEMO_CHECKPOINT)/config.json $(VENV)/.installed $(wildcard dbrx_aot/*.py export/*.py)
 	$(CLI) export $(DEMO_CHECKPOINT) -o $(DEMO_DIR)/artifact --format aoti,onnx \
 		--max-seq-len 2048 --prefill-chunk 64 --force
 
