@@ -121,20 +121,20 @@ def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype | None,
     seen: set[str] = set()
     shards = checkpoint_shards(path)
     bar = tqdm(total=len(expected), desc="reading weights", unit="tensor", disable=not progress)
-    for shard in shards:
-        with open_checked(shard) as f:
+    for shard_file in shards:
+        with open_checked(shard_file) as f:
             for key in f.keys():
                 if key not in expected:
-                    raise DbrxAotError(f"{shard}: unexpected key {key} (not a DBRX weight for this config: "
+                    raise DbrxAotError(f"{shard_file}: unexpected key {key} (not a DBRX weight for this config: "
                                        f"{config.n_layers} layers)")
                 if key in seen:
-                    raise DbrxAotError(f"{shard}: key {key} appears in more than one shard")
-                tensor = read_tensor(f, shard, key)
+                    raise DbrxAotError(f"{shard_file}: key {key} appears in more than one shard_file")
+                tensor = read_tensor(f, shard_file, key)
                 if tuple(tensor.shape) != expected[key]:
-                    raise DbrxAotError(f"{shard}: {key} has shape {list(tensor.shape)}, expected "
+                    raise DbrxAotError(f"{shard_file}: {key} has shape {list(tensor.shape)}, expected "
                                        f"{list(expected[key])} from config.json")
                 if tensor.dtype not in FLOAT_DTYPES:
-                    raise DbrxAotError(f"{shard}: {key} has dtype {tensor.dtype}, expected a floating dtype")
+                    raise DbrxAotError(f"{shard_file}: {key} has dtype {tensor.dtype}, expected a floating dtype")
                 seen.add(key)
                 tensor = to_graph_layout(tensor, graph[graph_keys[key]])
                 yield graph_keys[key], tensor if dtype is None else tensor.to(dtype)

@@ -265,7 +265,8 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
     report = export_artifact(checkpoint, out, formats=formats, device=device, dtype=dtype,
                              weights_format=weights_format, batch_size=batch_size,
                              onnx_accuracy_level=None if onnx_accuracy_level is None else int(onnx_accuracy_level),
-                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, attention=attention, tp=tp, force=force,
+                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, attention=attention,
+                             tp=tp, force=force,
                              skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))

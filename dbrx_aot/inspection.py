@@ -11,6 +11,7 @@ import torch
 from dbrx_aot.checkpoint import stored_specs
 from dbrx_aot.config import DbrxConfig, parse_dtype
 from dbrx_aot.manifest import Manifest
+from dbrx_aot.tp import undivided
 
 # Parameter name -> component (first match wins).
 COMPONENTS = (("embedding", ("wte.",)), ("attention", (".attn.",)), ("experts", (".ffn.w1", ".ffn.v1", ".ffn.w2")),
@@ -45,19 +46,18 @@ def preset_plans(config: DbrxConfig, dtype: str) -> list[dict]:
     """The plan of every weight format at every TP degree in ``TP_DEGREES`` the config divides."""
     from dbrx_aot.quantize import WEIGHT_FORMATS
 
-    degrees = [n for n in TP_DEGREES if not (config.kv_n_heads % n or config.ffn_hidden_size % n
-                                              or config.vocab_size % n)]
+    degrees = [n for n in TP_DEGREES if undivided(config, n) is None]
     return [memory_plan(config, dtype, fmt, tp) for fmt in WEIGHT_FORMATS for tp in degrees
             if not (fmt == "bfloat16" and dtype != "float32")]  # bf16 storage is for fp32 compute
 
 
-def rank_plan(m: Manifest) -> dict:
-    """What one rank of this artifact holds at run time: its weights, its KV cache at the artifact's
-    B and S, and an estimate of the largest intermediates of either graph (logits, attention
-    scores, expert activations), the workspace."""
+def rank_plan(m: Manifest, plan: dict) -> dict:
+    """What one rank of this artifact holds at run time: its weights (``plan``, the artifact's
+    ``memory_plan``), its KV cache at the artifact's B and S, and an estimate of the largest
+    intermediates of either graph (logits, attention scores, expert activations), the workspace."""
     c, tp = m.config, m.tp
     itemsize = parse_dtype(m.dtype).itemsize
-    weights = memory_plan(c, m.dtype, m.weights_format, tp)["total_bytes"]
+    weights = plan["total_bytes"]
     kv = 2 * c.n_layers * m.batch_size * (c.kv_n_heads // tp) * m.max_seq_len * c.head_dim * itemsize
     F, H = c.ffn_hidden_size // tp, c.n_heads // tp
     workspace = 0
@@ -130,6 +130,7 @@ def loadability(manifest: Manifest, root: Path) -> dict[str, str | None]:
 def describe(path: Path) -> dict:
     root = Path(path)
     m = Manifest.read(root)
+    plan = memory_plan(m.config, m.dtype, m.weights_format, m.tp)
     return {
         "path": str(root),
         "format_version": m.format_version,
@@ -147,8 +148,8 @@ def describe(path: Path) -> dict:
         "total_bytes": sum(info["bytes"] for info in m.files.values()),
         "weights_format": m.weights_format,
         "onnx_accuracy_level": m.onnx_accuracy_level,
-        "memory_plan": memory_plan(m.config, m.dtype, m.weights_format, m.tp),
-        "per_rank": rank_plan(m),
+        "memory_plan": plan,
+        "per_rank": rank_plan(m, plan),
         "loadable_here": loadability(m, root),
     }
 

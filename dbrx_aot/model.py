@@ -294,7 +294,8 @@ class DbrxModel(nn.Module):
         cached = slots[None, :] < positions[:, :1]                       # [B, S]
         index = torch.arange(T, device=tokens.device)
         causal = index[None, :] <= index[:, None]                        # [T, T]
-        mask = torch.cat((cached[:, None, :].expand(B, T, S), causal[None].expand(B, T, T)), dim=-1)[:, None]  # [B, 1, T, S+T]
+        mask = torch.cat((cached[:, None, :].expand(B, T, S),
+                          causal[None].expand(B, T, T)), dim=-1)[:, None]        # [B, 1, T, S+T]
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe)

@@ -55,16 +55,25 @@ TP_SPLITS: dict[str, int | str] = {
 DEFAULT_TIMEOUT_S = 120
 
 
+def undivided(config: DbrxConfig, tp: int) -> str | None:
+    """What a TP degree ``tp`` does not divide (the kv heads, the expert ffn width, the vocabulary),
+    None when it divides all three."""
+    for what, size in (("kv heads (attn_config.kv_n_heads)", config.kv_n_heads),
+                       ("expert ffn width (ffn_config.ffn_hidden_size)", config.ffn_hidden_size),
+                       ("vocabulary (vocab_size)", config.vocab_size)):
+        if size % tp:
+            return f"the {size} {what}"
+    return None
+
+
 def check_tp(config: DbrxConfig, tp: int, label: str | None = None) -> int:
     """N must divide the kv heads, the expert ffn width and the vocabulary (``label`` names N in errors)."""
     label = label or f"--tp {tp}"
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise DbrxAotError(f"{label}: expected a positive integer")
-    for what, size in (("kv heads (attn_config.kv_n_heads)", config.kv_n_heads),
-                       ("expert ffn width (ffn_config.ffn_hidden_size)", config.ffn_hidden_size),
-                       ("vocabulary (vocab_size)", config.vocab_size)):
-        if size % tp:
-            raise DbrxAotError(f"{label}: {tp} does not divide the {size} {what}; each rank must hold an equal share")
+    what = undivided(config, tp)
+    if what is not None:
+        raise DbrxAotError(f"{label}: {tp} does not divide {what}; each rank must hold an equal share")
     return tp
 
 

@@ -29,11 +29,11 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
                     attention: str = "math") -> Path:
     """torch.export the in-place-cache graph and compile it into ``out`` (.pt2); ``attention``:
     ``math`` or ``sdpa`` (trace.resolve_attention)."""
-    device = next(model.parameters()).device
-    if uses_rowdot(spec, batch_size, device) or attention == "sdpa":
+    rowdot = uses_rowdot(spec, batch_size, next(model.parameters()).device)
+    if rowdot or attention == "sdpa":
         # A structural copy sharing the same parameters (no weight is copied).
         model = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-        if uses_rowdot(spec, batch_size, device):
+        if rowdot:
             use_rowdot(model)
         if attention == "sdpa":
             use_sdpa(model)

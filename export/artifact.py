@@ -73,8 +73,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py);
     ``onnx_accuracy_level`` (int8 only): the ONNX linear layers as MatMulNBits at that level.
     ``attention``: how the AOTInductor graphs compute attention (``auto``, ``math``, ``sdpa``;
-    export/aoti.py: resolve_attention). ``tp``: tensor-parallel degree: one package per graph for every rank, each rank's weights in
-    weights/rank-R/ (dbrx_aot/tp.py).
+    trace.resolve_attention). ``tp``: tensor-parallel degree: one package per graph for every rank,
+    each rank's weights in weights/rank-R/ (dbrx_aot/tp.py).
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
     will do (compile-only: the result holds no weights and cannot run).

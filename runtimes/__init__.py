@@ -154,11 +154,11 @@ class RuntimeBase:
     def run_checked(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                     logit_index: torch.Tensor | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            if self.tp == 1:
-                return self.run_graph(graph, tokens, positions, cache, logit_index)
             try:
                 return self.run_graph(graph, tokens, positions, cache, logit_index)
             except RuntimeError as err:  # gloo / NCCL report a dead or stalled peer this way
+                if self.tp == 1:
+                    raise
                 raise DbrxAotError(
                     f"{self.name} runtime, rank {self.rank} of {self.tp}: the {graph} step failed "
                     f"({str(err).splitlines()[0][:200]}); under tensor parallelism this means another rank exited "

@@ -20,8 +20,8 @@ class EagerRuntime(RuntimeBase):
     name = "eager"
 
     def __init__(self, model: DbrxModel, tokenizer: Tokenizer, *, batch_size: int, max_seq_len: int,
-                 prefill_chunk: int, moe: str = "auto", rank: int = 0, tp: int = 1):
-        """``model``: the whole model, or rank ``rank``'s shard of ``tp`` (``tp.shard_model``)."""
+                 prefill_chunk: int, moe: str = "auto", rank: int = 0):
+        """``model``: the whole model, or rank ``rank``'s shard of ``model.tp`` (``tp.shard_model``)."""
         config = model.config
         check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
         if moe not in MOE_MODES:
@@ -33,7 +33,7 @@ class EagerRuntime(RuntimeBase):
         self.device, self.dtype = param.device, param.dtype
         self.batch_size, self.max_seq_len, self.prefill_chunk = batch_size, max_seq_len, prefill_chunk
         self.moe = moe
-        self.rank, self.tp = rank, tp
+        self.rank, self.tp = rank, model.tp
         self._prefill = CachedStep(model, resolve_moe_mode(moe, batch_size * prefill_chunk, config))
         self._decode = CachedStep(model, resolve_moe_mode(moe, batch_size, config))
         self.decode_moe = self._decode.moe
@@ -69,7 +69,7 @@ class EagerRuntime(RuntimeBase):
                                rank=rank, tp=manifest.tp, group=group)
             return cls(model, manifest.tokenizer_obj(), batch_size=manifest.batch_size,
                        max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe,
-                       rank=rank, tp=manifest.tp)
+                       rank=rank)
         config = DbrxConfig.from_file(path)
         device = resolve_device(device)
         dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -80,7 +80,7 @@ class EagerRuntime(RuntimeBase):
         model = load_model(path, config, dtype, device, progress=progress, weights_format=weights,
                            rank=rank, tp=size, group=group)
         return cls(model, Tokenizer.from_checkpoint(path), batch_size=batch_size, max_seq_len=max_seq_len,
-                   prefill_chunk=prefill_chunk, moe=moe, rank=rank, tp=size)
+                   prefill_chunk=prefill_chunk, moe=moe, rank=rank)
 
     def run_graph(self, graph: str, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                   logit_index: torch.Tensor | None = None) -> torch.Tensor:
