@@ -44,6 +44,7 @@ from dbrx_aot.quantize import INT8_ZERO_POINT, check_weights_format, quantize_in
 
 MoeMode = Literal["dense", "gather"]
 MOE_MODES = ("auto", "dense", "gather")
+W2_ROW_BLOCK = 16  # the gather form's w2 rows summed together first (MoE.forward)
 
 
 def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig) -> MoeMode:
@@ -224,7 +225,14 @@ class MoE(nn.Module):
                 hk = h[:, None, None, :]                                # [N, 1, 1, D]
                 gate = F_.silu(self.scale((hk * w1).sum(-1), "w1", top_e))  # [N, k, F]
                 up = self.scale((hk * v1).sum(-1), "v1", top_e)         # [N, k, F]
-                y = self.scale(((gate * up)[..., None] * w2).sum(2), "w2", top_e)  # [N, k, D]
+                # w2 reduces over its rows (F): summed R rows at a time first, so Inductor's kernel
+                # walks R neighbouring rows per step instead of one column of D down all F rows
+                # (small preset decode on 2 cores, S=2048: 14.5 -> 13.6 ms a step).
+                N, k, F = gate.shape
+                R = math.gcd(F, W2_ROW_BLOCK)
+                a = (gate * up).view(N, k, F // R, R, 1)                # [N, k, F/R, R, 1]
+                y = (a * w2.view(N, k, F // R, R, D)).sum(3).sum(2)     # [N, k, D]
+                y = self.scale(y, "w2", top_e)
             out = (y * top_w[..., None]).sum(1)                         # [N, D]
         return out.view(B, T, D)
 
@@ -346,11 +354,17 @@ def replace_weight_format(model: DbrxModel, fmt: str) -> DbrxModel:
 
 
 def write_cache_(k_cache, v_cache, new_k, new_v, positions) -> None:
-    """Write the call's keys/values [L, B, K, T, hd] at their positions [B, T], in place."""
-    L, B, K, T, hd = new_k.shape
-    index = positions[None, :, None, :, None].expand(L, B, K, T, hd)
-    k_cache.scatter_(3, index, new_k)
-    v_cache.scatter_(3, index, new_v)
+    """Write the call's keys/values [L, B, K, T, hd] at their positions [B, T], in place.
+
+    An indexed assignment (index_put_) into a permuted view, not ``scatter_`` along S: Inductor
+    turns the functionalised scatter into a copy of the whole cache per call (and a copy back), 4
+    passes over [L, B, K, S, hd] per step for 2 * L * K * T * hd new numbers; index_put_ is written
+    in place (small preset, S=2048: 0.40 ms -> 0.016 ms a call for the keys alone)."""
+    B, T = positions.shape
+    rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)       # [B, T]
+    for cache, new in ((k_cache, new_k), (v_cache, new_v)):
+        # [L, B, K, S, hd] seen as [B, S, L, K, hd]: (rows, positions) pick [B, T] slots of [L, K, hd]
+        cache.permute(1, 3, 0, 2, 4)[rows, positions] = new.permute(1, 3, 0, 2, 4)
 
 
 # CachedStep and FunctionalStep hold the model as ``model``: a weight ``w`` is ``model.w`` in their graphs.

@@ -135,15 +135,16 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             with stage("build empty model", timings, bar):
                 model = empty_model(config, torch_dtype, dev, weights_format, tp, tp_group)
             if "aoti" in formats:
-                from dbrx_aot.export.aoti import compile_package, uses_rowdot
+                from dbrx_aot.export.aoti import compile_package, resolve_linear
 
                 for name in GRAPHS:
+                    linear = resolve_linear(specs[name], batch_size, dev, weights_format)
                     with stage(f"aoti {name}: export + compile", timings, bar):
                         compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2",
-                                        attention_modes[name])
+                                        attention_modes[name], linear)
                     graphs[name]["aoti"] = f"aoti/{name}.pt2"
                     graphs[name]["aoti_attention"] = attention_modes[name]
-                    graphs[name]["aoti_linear"] = "rowdot" if uses_rowdot(specs[name], batch_size, dev) else "mm"
+                    graphs[name]["aoti_linear"] = linear
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 

@@ -74,8 +74,9 @@ ARTIFACT_FORMATS = "aoti,onnx"
 def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """One tiny-preset fp32 artifact per MoE mode, exported once per session (compiles are slow).
 
-    The gather one has batch 1, so its AOTInductor decode graph is the CPU matrix-vector form
-    (model.rowdot); the others have batch 2 (ragged batches).
+    The gather one has batch 1 (one-token decode as generation runs it; its fp32 weights multiply
+    through BLAS, the narrower formats' batch-1 artifacts through model.rowdot: weight_artifacts);
+    the others have batch 2 (ragged batches).
     """
     from dbrx_aot.export import export_artifact
 

@@ -66,11 +66,15 @@ def test_attention_form_per_graph(artifacts, tiny_checkpoint, tmp_path):
         export_artifact(tiny_checkpoint, tmp_path / "x", attention="flash", progress=False)
 
 
-def test_cpu_decode_at_batch_1_uses_rowdot(artifacts):
-    gather = json.loads((artifacts["gather"] / "manifest.json").read_text())["graphs"]
-    auto = json.loads((artifacts["auto"] / "manifest.json").read_text())["graphs"]
-    assert gather["decode"]["aoti_linear"] == "rowdot" and gather["prefill"]["aoti_linear"] == "mm"
-    assert auto["decode"]["aoti_linear"] == "mm"  # batch 2: a real matrix product
+def test_cpu_decode_at_batch_1_uses_rowdot_only_on_narrow_weights(artifacts, weight_artifacts):
+    def linear(path):
+        graphs = json.loads((path / "manifest.json").read_text())["graphs"]
+        return graphs["prefill"]["aoti_linear"], graphs["decode"]["aoti_linear"]
+
+    assert linear(artifacts["gather"]) == ("mm", "mm")              # batch 1, fp32 weights: BLAS
+    assert linear(artifacts["auto"]) == ("mm", "mm")                # batch 2: a real matrix product
+    assert linear(weight_artifacts["int8-b1"]) == ("mm", "rowdot")  # dequantised as it streams
+    assert linear(weight_artifacts["bfloat16"]) == ("mm", "rowdot")  # upcast as it streams
 
 
 def test_manifest_records_the_build(artifacts):
