@@ -84,7 +84,7 @@ def decode_bytes(config: DbrxConfig, batch_size: int, max_seq_len: int, moe: str
     L, qkv = config.n_layers, config.qkv_size // tp
     m = {"same": itemsize, "bfloat16": 2, "int8": 1}[weights_format]  # bytes per matrix element
     s = 4 if weights_format == "int8" else 0                             # bytes per output channel
-    experts = E if moe == "dense" else min(E, batch_size * k)  # gather reads at most B*k distinct experts
+    experts = E if moe == "dense" else min(E, batch_size * k)  # gather, grouped: at most B*k distinct experts
     return {
         "attention": L * ((qkv * D + D * D // tp) * m + (qkv + D) * s),
         "experts": L * experts * (3 * F * D * m + (2 * F + D) * s),

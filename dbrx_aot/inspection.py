@@ -65,8 +65,10 @@ def rank_plan(m: Manifest, plan: dict) -> dict:
         N = m.batch_size * T
         logits = N * c.vocab_size * itemsize * (1 + 1 / tp)                       # local part + gathered
         scores = 2 * m.batch_size * H * T * (m.max_seq_len + T) * 4               # fp32 scores and probs
-        experts = (3 * c.moe_num_experts * N * F * itemsize if m.moe_modes[graph] == "dense"
-                   else 3 * N * c.moe_top_k * F * c.d_model * itemsize)            # gathered weight rows
+        experts = {"dense": 3 * c.moe_num_experts * N * F * itemsize,           # every expert's activations
+                   "grouped": 3 * N * c.moe_top_k * (F + c.d_model) * itemsize,  # each slot's rows and products
+                   "gather": 3 * N * c.moe_top_k * F * c.d_model * itemsize,     # gathered weight rows
+                   }[m.moe_modes[graph]]
         workspace = max(workspace, int(logits + scores + experts))
     return {"tp": tp, "weights_bytes": weights, "kv_cache_bytes": kv, "workspace_estimate_bytes": workspace,
             "total_bytes": weights + kv + workspace}

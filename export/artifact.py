@@ -23,7 +23,7 @@ from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, resolve_attention, stage
-from dbrx_aot.model import MOE_MODES, resolve_moe_mode
+from dbrx_aot.model import resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
@@ -108,10 +108,10 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
     prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
     check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
-    if moe not in MOE_MODES:
-        raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
-    specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, config)),
-             "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, config))}
+    # One MoE form per graph for both formats (the manifest's moe_modes), so no grouped with ONNX.
+    moe_form = dict(config=config, dtype=torch_dtype, device=dev, onnx="onnx" in formats)
+    specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, **moe_form)),
+             "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, **moe_form))}
     attention_modes = {name: resolve_attention(attention, spec, dev) for name, spec in specs.items()}
     if out.exists() and not force:
         raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")

@@ -9,7 +9,7 @@ import torch
 from dbrx_aot.checkpoint import load_model
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
-from dbrx_aot.model import MOE_MODES, CachedStep, DbrxModel, resolve_moe_mode
+from dbrx_aot.model import CachedStep, DbrxModel, resolve_moe_mode
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import KVCache, RuntimeBase
 from dbrx_aot.tokenizer import Tokenizer
@@ -20,12 +20,11 @@ class EagerRuntime(RuntimeBase):
     name = "eager"
 
     def __init__(self, model: DbrxModel, tokenizer: Tokenizer, *, batch_size: int, max_seq_len: int,
-                 prefill_chunk: int, moe: str = "auto", rank: int = 0):
-        """``model``: the whole model, or rank ``rank``'s shard of ``model.tp`` (``tp.shard_model``)."""
+                 prefill_chunk: int, moe: str = "auto", rank: int = 0, moe_modes: dict[str, str] | None = None):
+        """``model``: the whole model, or rank ``rank``'s shard of ``model.tp`` (``tp.shard_model``);
+        ``moe_modes``: each graph's MoE form as an artifact's manifest resolved them (else from ``moe``)."""
         config = model.config
         check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
-        if moe not in MOE_MODES:
-            raise DbrxAotError(f"--moe {moe}: expected one of {', '.join(MOE_MODES)}")
         self.model = model
         self.config: DbrxConfig = config
         self.tokenizer = tokenizer
@@ -34,8 +33,11 @@ class EagerRuntime(RuntimeBase):
         self.batch_size, self.max_seq_len, self.prefill_chunk = batch_size, max_seq_len, prefill_chunk
         self.moe = moe
         self.rank, self.tp = rank, model.tp
-        self._prefill = CachedStep(model, resolve_moe_mode(moe, batch_size * prefill_chunk, config))
-        self._decode = CachedStep(model, resolve_moe_mode(moe, batch_size, config))
+        moe_modes = moe_modes or {
+            graph: resolve_moe_mode(moe, tokens, config, self.dtype, self.device)
+            for graph, tokens in (("prefill", batch_size * prefill_chunk), ("decode", batch_size))}
+        self._prefill = CachedStep(model, moe_modes["prefill"])
+        self._decode = CachedStep(model, moe_modes["decode"])
         self.decode_moe = self._decode.moe
 
     @classmethod
@@ -69,7 +71,7 @@ class EagerRuntime(RuntimeBase):
                                rank=rank, tp=manifest.tp, group=group)
             return cls(model, manifest.tokenizer_obj(), batch_size=manifest.batch_size,
                        max_seq_len=manifest.max_seq_len, prefill_chunk=manifest.prefill_chunk, moe=manifest.moe,
-                       rank=rank)
+                       rank=rank, moe_modes=manifest.moe_modes)
         config = DbrxConfig.from_file(path)
         device = resolve_device(device)
         dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))

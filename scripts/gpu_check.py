@@ -87,17 +87,19 @@ TARGETS = [
 OPTIONAL_STAGES = ("tests", "bench", "slice")
 
 
-def slice_runs(plan) -> list[tuple[int, str, str]]:
-    """(batch, --weights, --attention) of each slice run: every batch size as stored (the plan's
-    dtype), batch 1 with int8 weights (issue 10: int8 against bf16 at real width), and batch 1
-    with scaled_dot_product_attention (issue 13: sdpa against the written-out attention)."""
+def slice_runs(plan) -> list[tuple[int, str, str, str]]:
+    """(batch, --weights, --attention, --moe) of each slice run: every batch size as stored (the
+    plan's dtype), batch 1 with int8 weights (issue 10: int8 against bf16 at real width), batch 1
+    with scaled_dot_product_attention and batch 1 with the prefill experts grouped (issue 13: sdpa
+    against the written-out attention, grouped against dense prefill; auto picks dense on CUDA)."""
     B = plan.slice_batches[0]
-    return [(b, "same", "auto") for b in plan.slice_batches] + [(B, "int8", "auto"), (B, "same", "sdpa")]
+    return ([(b, "same", "auto", "auto") for b in plan.slice_batches]
+            + [(B, "int8", "auto", "auto"), (B, "same", "sdpa", "auto"), (B, "same", "auto", "grouped")])
 
 
-def slice_name(batch: int, weights: str, attention: str = "auto") -> str:
+def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
     return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
-            + ("" if attention == "auto" else f"-{attention}"))
+            + ("" if attention == "auto" else f"-{attention}") + ("" if moe == "auto" else f"-{moe}"))
 
 
 class Check:
@@ -245,13 +247,13 @@ class Check:
                          "--force")])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
-            for B, weights, attention in slice_runs(p):
-                name = slice_name(B, weights, attention)
+            for B, weights, attention, moe in slice_runs(p):
+                name = slice_name(B, weights, attention, moe)
                 jobs[f"slice {name}"] = (w / f"slice-{name}", [self.cli(
                     "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
                     "-o", str(w / f"slice-{name}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
-                    "--weights", weights, "--attention", attention, "--batch-size", str(B), "--max-seq-len", str(S),
-                    "--prefill-chunk", str(P), "--force")])
+                    "--weights", weights, "--attention", attention, "--moe", moe, "--batch-size", str(B),
+                    "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
         return jobs
 
     def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
@@ -327,8 +329,8 @@ class Check:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
-        for B, weights, attention in slice_runs(p):
-            name = slice_name(B, weights, attention)
+        for B, weights, attention, moe in slice_runs(p):
+            name = slice_name(B, weights, attention, moe)
             args = (self.work / f"slice-{name}", "--runtime", "aoti", "--random-weights", "0",
                     "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
             try:
@@ -345,7 +347,7 @@ class Check:
             r = report["results"]["aoti"]
             self.figures["slice"][name] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
                                            "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                           "weights": weights, "attention": attention,
+                                           "weights": weights, "attention": attention, "moe": moe,
                                            "prompt_len": p.slice_prompt_len, **pick(r)}
             texts.append(f"{name}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                          f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
@@ -479,13 +481,13 @@ def format_summary(s: dict) -> str:
         sl = fig["slice"]
         lines += ["", f"## Real-width slice: {sl['preset']}, {sl['layers']} layers, {sl['dtype']}, aoti on random "
                       "weights made on the device", "",
-                  "| batch | weights | attention | CUDA graphs | MoE | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
+                  "| batch | weights | attention | CUDA graphs | MoE asked / decode's | decode ms p50 | ms per layer | GB a step | GB/s | copy GB/s | "
                   "of copy | read GB/s | of read | prefill tok/s (prompt) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in runs.items():
             lines.append(f"| {name.removeprefix('batch').split('-')[0]} | {r.get('weights', 'same')} | "
                          f"{r.get('attention', 'auto')} | "
-                         f"{'on' if r['cuda_graphs'] else 'off'} | {r['decode_moe']} | "
+                         f"{'on' if r['cuda_graphs'] else 'off'} | {r.get('moe', 'auto')} / {r['decode_moe']} | "
                          f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
                          f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "

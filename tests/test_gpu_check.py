@@ -58,6 +58,8 @@ def test_make_gpu_check_dry_run_on_cpu(tmp_path):
     assert "| 1 | int8 | auto |" in md
     sdpa = summary["figures"]["slice"]["batch1-sdpa"]  # issue 13: sdpa beside the written-out attention
     assert sdpa["attention"] == "sdpa" and sdpa["prefill_tokens_per_s"] > 0 and "| 1 | same | sdpa |" in md
+    grouped = summary["figures"]["slice"]["batch1-grouped"]  # issue 13: grouped prefill experts
+    assert grouped["moe"] == "grouped" and grouped["prefill_tokens_per_s"] > 0 and "| grouped / grouped |" in md
 
 
 def make_check(tmp_path, device="cpu"):
@@ -128,7 +130,7 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
     jobs = check.export_jobs()
     plan = gpu_check.PLANS[device]
     assert list(jobs) == (["bench artifact"] + [f"slice batch{b}" for b in plan.slice_batches]
-                          + [f"slice batch{plan.slice_batches[0]}-int8", f"slice batch{plan.slice_batches[0]}-sdpa"])
+                          + [f"slice batch{plan.slice_batches[0]}-{v}" for v in ("int8", "sdpa", "grouped")])
     flat = [" ".join(cmd) for _, cmds in jobs.values() for cmd in cmds]
     assert all("--device " + device in c for c in flat if " export " in c)
     assert any(f"--preset {plan.slice_preset} --layers {plan.slice_layers} --skip-weights" in c for c in flat)
@@ -137,7 +139,8 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
 def test_a_rerun_of_one_stage_exports_only_what_it_needs(tmp_path):
     check = make_check(tmp_path, "cuda")
     check.stages_chosen = {"slice"}
-    assert list(check.export_jobs()) == ["slice batch1", "slice batch8", "slice batch1-int8", "slice batch1-sdpa"]
+    assert list(check.export_jobs()) == ["slice batch1", "slice batch8", "slice batch1-int8", "slice batch1-sdpa",
+                                         "slice batch1-grouped"]
     check.stages_chosen = {"tests"}
     assert check.export_jobs() == {}
     check.reuse_exports = True
@@ -171,6 +174,6 @@ def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
     assert set(check.figures["bench"]["runs"]) == {"eager", "aoti_no_cuda_graphs"} and len(calls) == 3
     check.stage("slice", check.slice_stage)  # each batch retried without CUDA graphs, and measured
     assert {k for k in check.figures["slice"] if k.startswith("batch")} == {"batch1", "batch8", "batch1-int8",
-                                                                              "batch1-sdpa"}
+                                                                              "batch1-sdpa", "batch1-grouped"}
     md = gpu_check.format_summary(check.summary())
     assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md

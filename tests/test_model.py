@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -85,6 +87,60 @@ def test_auto_mode_picks_gather_for_small_decode(path):
     assert resolve_moe_mode("auto", 1, config) == "gather"       # 1 * k=2 < E=8
     assert resolve_moe_mode("auto", 8, config) == "dense"        # 8 * 2 >= 8
     assert rt._decode.moe == "gather" and rt._prefill.moe == "dense"
+    # Grouped where it compiles and was measured faster: bf16 on CPU, no ONNX graph to match, and
+    # GROUPED_MIN_ROWS (128) slots per expert: 128 * E=8 / k=2 = 512 tokens a call.
+    bf16 = torch.bfloat16
+    assert resolve_moe_mode("auto", 512, config, bf16) == "grouped"
+    assert resolve_moe_mode("auto", 511, config, bf16) == "dense"
+    assert resolve_moe_mode("auto", 1, config, bf16) == "gather"
+    assert resolve_moe_mode("auto", 512, config, bf16, onnx=True) == "dense"
+    assert resolve_moe_mode("auto", 512, config, bf16, torch.device("cuda")) == "dense"
+    assert resolve_moe_mode("auto", 512, config, torch.float32) == "dense"
+    bf16_rt = load(path, moe="auto", dtype="bfloat16", batch_size=8, max_seq_len=128, prefill_chunk=64)
+    assert (bf16_rt._prefill.moe, bf16_rt._decode.moe) == ("grouped", "dense")  # 8 * 64 = 512 tokens; 8 * 2 = 16
+
+
+def test_grouped_moe_refuses_what_cannot_compile(path):
+    config = load(path).config
+    with pytest.raises(dbrx_aot.DbrxAotError, match="--moe grouped: needs --dtype bfloat16"):
+        resolve_moe_mode("grouped", 8, config, torch.float32)
+    with pytest.raises(dbrx_aot.DbrxAotError, match="--moe grouped: ONNX has no grouped matrix product"):
+        resolve_moe_mode("grouped", 8, config, torch.bfloat16, onnx=True)
+    with pytest.raises(dbrx_aot.DbrxAotError, match="--moe sparse: expected one of auto, dense, gather, grouped"):
+        resolve_moe_mode("sparse", 8, config)
+
+
+@pytest.mark.parametrize("form", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("router", ["random", "skewed"])
+def test_grouped_moe_equals_dense(form, router):
+    """Grouped (slots sorted by expert, one product per expert over its rows) gives dense's output,
+    with empty experts and with every token on the same k experts (one group holds all of them)."""
+    from conftest import parity_config
+    from dbrx_aot.model import Int8MoE, MoE
+
+    torch.manual_seed(0)
+    config = parity_config("base")  # torch._grouped_mm wants rows of a multiple of 16 bytes (bf16: D, F % 8 == 0)
+    moe = MoE(config)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    if router == "skewed":
+        moe.router.weight.data.zero_()
+        moe.router.weight.data[:config.moe_top_k] = 5.0  # all tokens pick the same experts
+    x = torch.randn(2, 7, config.d_model)
+    x = x.abs() if router == "skewed" else x  # positive sums: the first k experts win every token
+    if form == "bfloat16":
+        # bf16 rounds in another order in each form: grouped held to dense bf16's own error against
+        # the same bf16 weights computed in fp32.
+        moe = moe.to(torch.bfloat16)
+        exact = copy.deepcopy(moe).float()(x.bfloat16().float(), "dense")
+        bar = 2 * (moe(x.bfloat16(), "dense").float() - exact).abs().max() + 1e-3
+        assert (moe(x.bfloat16(), "grouped").float() - exact).abs().max() <= bar
+        return
+    moe = Int8MoE(moe) if form == "int8" else moe
+    dense = moe(x, "dense")
+    atol = 1e-6 * dense.abs().max().item()  # fp32 sums in another order
+    torch.testing.assert_close(moe(x, "grouped"), dense, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(moe(x, "gather"), dense, atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("moe", ["dense", "gather"])
