@@ -73,3 +73,20 @@ def test_router_softmax_is_fp32_in_bf16():
     exp_w, exp_e = probs.topk(config.moe_top_k, -1)
     assert torch.equal(top_e, exp_e)
     assert torch.equal(top_w, (exp_w / exp_w.sum(-1, keepdim=True)).to(torch.bfloat16))
+
+
+def test_peer_bench_times_transformers_on_a_checkpoint(parity_checkpoints, capsys):
+    """scripts/peer_bench.py: the peer's side of issue 13's comparison runs on a real checkpoint."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "peer_bench.py"
+    spec = importlib.util.spec_from_file_location("peer_bench", script)
+    peer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_bench)
+    assert peer_bench.main([str(parity_checkpoints["base"]), "--prompt-len", "8", "--new-tokens", "2",
+                            "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runtime"].startswith("transformers ") and result["prompt_len"] == 8
+    assert min(result["prefill_tokens_per_s"], result["prefill_all_logits_tokens_per_s"],
+               result["decode_tokens_per_s"]) > 0

@@ -1,0 +1,95 @@
+"""The peer's side of a speed comparison: transformers' DbrxForCausalLM on a checkpoint, timed the
+way ``dbrx-aot bench`` times a runtime (one prompt at batch 1, then greedy decode steps).
+
+Issue 13 compares dbrx-aot's prefill and decode with the eager reference implementation: run this
+and ``dbrx-aot bench`` back to back on the same machine. transformers is a test-only dependency
+(never imported by the package), so this lives under scripts/.
+
+    python scripts/peer_bench.py build/small --prompt-len 128 --new-tokens 64 [--json]
+
+Prefill is measured as transformers' own generate prefills (``logits_to_keep=1``: lm_head at the
+last position only) and, for reference, with every position's logits; decode feeds one token at a
+time through its DynamicCache. fp32, the machine's default thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def load(path: Path):
+    import transformers
+
+    data = json.loads((path / "config.json").read_text())
+    # transformers 5.x ignores attn_config.rope_theta without explicit rope_parameters (FACTS.md).
+    data["rope_parameters"] = {"rope_type": "default", "rope_theta": data["attn_config"]["rope_theta"]}
+    if data["attn_config"].get("clip_qkv") is None:
+        data["attn_config"]["clip_qkv"] = 1e30  # transformers fails on None; the same math
+    config = transformers.DbrxConfig(**{k: v for k, v in data.items() if k != "architectures"})
+    return transformers.DbrxForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.inference_mode()
+def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    import transformers
+
+    model = load(path)
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    last = best_of(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats)
+    every = best_of(lambda: model(ids, use_cache=False), repeats)
+
+    def decode():
+        cache = transformers.DynamicCache(config=model.config)
+        out = model(ids, past_key_values=cache, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=out.past_key_values)
+            token = out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+
+    decode()  # warm-up
+    decode_s = min(decode() for _ in range(repeats))
+    return {"runtime": f"transformers {transformers.__version__} eager", "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "prefill_tokens_per_s": prompt_len / last, "prefill_all_logits_tokens_per_s": prompt_len / every,
+            "decode_tokens_per_s": new_tokens / decode_s}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N timed runs of each")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = measure(args.checkpoint, args.prompt_len, args.new_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['runtime']}: prefill {result['prefill_tokens_per_s']:.0f} tok/s (logits_to_keep=1), "
+              f"{result['prefill_all_logits_tokens_per_s']:.0f} tok/s (every position's logits); "
+              f"decode {result['decode_tokens_per_s']:.1f} tok/s ({args.prompt_len}-token prompt, "
+              f"{args.new_tokens} steps, {result['threads']} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
