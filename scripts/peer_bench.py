@@ -9,7 +9,8 @@ and ``dbrx-aot bench`` back to back on the same machine. transformers is a test-
 
 Prefill is measured as transformers' own generate prefills (``logits_to_keep=1``: lm_head at the
 last position only) and, for reference, with every position's logits; decode feeds one token at a
-time through its DynamicCache. fp32, the machine's default thread count.
+time through its DynamicCache. ``--dtype`` float32 (default) or bfloat16; the machine's default
+thread count.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-def load(path: Path):
+def load(path: Path, dtype: torch.dtype):
     import transformers
 
     data = json.loads((path / "config.json").read_text())
@@ -32,7 +33,7 @@ def load(path: Path):
     if data["attn_config"].get("clip_qkv") is None:
         data["attn_config"]["clip_qkv"] = 1e30  # transformers fails on None; the same math
     config = transformers.DbrxConfig(**{k: v for k, v in data.items() if k != "architectures"})
-    return transformers.DbrxForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    return transformers.DbrxForCausalLM.from_pretrained(path, config=config, dtype=dtype).eval()
 
 
 def best_of(fn, repeats: int) -> float:
@@ -46,10 +47,10 @@ def best_of(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3, dtype: str = "float32") -> dict:
     import transformers
 
-    model = load(path)
+    model = load(path, getattr(torch, dtype))
     ids = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt_len), generator=torch.Generator().manual_seed(0))
     last = best_of(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats)
     every = best_of(lambda: model(ids, use_cache=False), repeats)
@@ -66,7 +67,7 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3) -> d
 
     decode()  # warm-up
     decode_s = min(decode() for _ in range(repeats))
-    return {"runtime": f"transformers {transformers.__version__} eager", "prompt_len": prompt_len,
+    return {"runtime": f"transformers {transformers.__version__} eager", "dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "threads": torch.get_num_threads(),
             "prefill_tokens_per_s": prompt_len / last, "prefill_all_logits_tokens_per_s": prompt_len / every,
             "decode_tokens_per_s": new_tokens / decode_s}
@@ -78,13 +79,14 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of N timed runs of each")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = measure(args.checkpoint, args.prompt_len, args.new_tokens, args.repeats)
+    result = measure(args.checkpoint, args.prompt_len, args.new_tokens, args.repeats, args.dtype)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['runtime']}: prefill {result['prefill_tokens_per_s']:.0f} tok/s (logits_to_keep=1), "
+        print(f"{result['runtime']} {args.dtype}: prefill {result['prefill_tokens_per_s']:.0f} tok/s (logits_to_keep=1), "
               f"{result['prefill_all_logits_tokens_per_s']:.0f} tok/s (every position's logits); "
               f"decode {result['decode_tokens_per_s']:.1f} tok/s ({args.prompt_len}-token prompt, "
               f"{args.new_tokens} steps, {result['threads']} threads)")

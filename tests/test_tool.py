@@ -505,3 +505,21 @@ def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_chec
     assert not partial.exists() and alive.exists()
     assert "left by an interrupted write" in caplog.text
     assert staging_dir(out).name.startswith(f".art.partial-{os.getpid()}-")
+
+
+def test_ab_bench_alternates_artifacts_in_one_process(artifacts, capsys):
+    """scripts/ab_bench.py: the in-process A/B behind the README's before/after figures."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "ab_bench.py"
+    spec = importlib.util.spec_from_file_location("ab_bench", script)
+    ab_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab_bench)
+    assert ab_bench.main([str(artifacts["gather"]), "--prompt-len", "11", "--new-tokens", "3", "--rounds", "2",
+                          "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["artifacts"].values()
+    assert r["prefill_tokens_per_s"]["best"] >= r["prefill_tokens_per_s"]["median"] > 0
+    assert r["decode_tokens_per_s"]["median"] > 0
+    assert ab_bench.main([str(artifacts["gather"]), str(artifacts["dense"]), "--prompt-len", "8", "--new-tokens", "2"]) == 2
+    assert "dense: batch 2, 64 cache slots; expected batch 1" in capsys.readouterr().err
