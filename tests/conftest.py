@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,15 @@ import torch
 from dbrx_aot.checkpoint import write_random_checkpoint
 from dbrx_aot.config import DbrxConfig, preset
 from dbrx_aot.verify import TOLERANCES
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (developer tools are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 # The package's one tolerance table, as max absolute logit error keyed by (runtime, torch dtype).
 TOLERANCE = {(runtime, getattr(torch, dtype)): tol.max_abs for (runtime, dtype), tol in TOLERANCES.items()

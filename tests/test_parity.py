@@ -77,13 +77,9 @@ def test_router_softmax_is_fp32_in_bf16():
 
 def test_peer_bench_times_transformers_on_a_checkpoint(parity_checkpoints, capsys):
     """scripts/peer_bench.py: the peer's side of issue 13's comparison runs on a real checkpoint."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    script = Path(__file__).parents[1] / "scripts" / "peer_bench.py"
-    spec = importlib.util.spec_from_file_location("peer_bench", script)
-    peer_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer_bench)
+    peer_bench = load_script("peer_bench")
     assert peer_bench.main([str(parity_checkpoints["base"]), "--prompt-len", "8", "--new-tokens", "2",
                             "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

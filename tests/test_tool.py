@@ -509,13 +509,9 @@ def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_chec
 
 def test_ab_bench_alternates_artifacts_in_one_process(artifacts, capsys):
     """scripts/ab_bench.py: the in-process A/B behind the README's before/after figures."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    script = Path(__file__).parents[1] / "scripts" / "ab_bench.py"
-    spec = importlib.util.spec_from_file_location("ab_bench", script)
-    ab_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab_bench)
+    ab_bench = load_script("ab_bench")
     assert ab_bench.main([str(artifacts["gather"]), "--prompt-len", "11", "--new-tokens", "3", "--rounds", "2",
                           "--json"]) == 0
     (r,) = json.loads(capsys.readouterr().out)["artifacts"].values()
