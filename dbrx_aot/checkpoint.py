@@ -128,7 +128,7 @@ def iter_checkpoint(path: Path, config: DbrxConfig, dtype: torch.dtype | None,
                     raise DbrxAotError(f"{shard_file}: unexpected key {key} (not a DBRX weight for this config: "
                                        f"{config.n_layers} layers)")
                 if key in seen:
-                    raise DbrxAotError(f"{shard_file}: key {key} appears in more than one shard_file")
+                    raise DbrxAotError(f"{shard_file}: key {key} appears in more than one shard")
                 tensor = read_tensor(f, shard_file, key)
                 if tuple(tensor.shape) != expected[key]:
                     raise DbrxAotError(f"{shard_file}: {key} has shape {list(tensor.shape)}, expected "
