@@ -51,17 +51,19 @@ W2_ROW_BLOCK = 16  # the gather form's w2 rows summed together first (MoE.forwar
 GROUPED_MIN_ROWS = 128
 
 
-def check_grouped(config: DbrxConfig, dtype: torch.dtype, onnx: bool = False) -> None:
-    """The grouped form compiles only in bf16 (torch._grouped_mm's export-time check), on rows of a
-    multiple of 16 bytes, and has no ONNX counterpart."""
+def grouped_unfit(config: DbrxConfig, dtype: torch.dtype, onnx: bool = False) -> str | None:
+    """Why the grouped form cannot be compiled here, or None: it compiles only in bf16
+    (torch._grouped_mm's export-time check), on rows of a multiple of 16 bytes, and has no ONNX
+    counterpart."""
     if dtype != torch.bfloat16:
-        raise DbrxAotError(f"--moe grouped: needs --dtype bfloat16 (torch._grouped_mm exports bf16 only), "
-                           f"not {str(dtype).removeprefix('torch.')}; use --moe dense")
+        return (f"needs --dtype bfloat16 (torch._grouped_mm exports bf16 only), not "
+                f"{str(dtype).removeprefix('torch.')}; use --moe dense")
     if config.d_model % 8 or config.ffn_hidden_size % 8:
-        raise DbrxAotError(f"--moe grouped: d_model {config.d_model} and ffn_hidden_size {config.ffn_hidden_size} "
-                           f"must be multiples of 8 (torch._grouped_mm's 16-byte rows); use --moe dense")
+        return (f"d_model {config.d_model} and ffn_hidden_size {config.ffn_hidden_size} must be multiples of 8 "
+                "(torch._grouped_mm's 16-byte rows); use --moe dense")
     if onnx:
-        raise DbrxAotError("--moe grouped: ONNX has no grouped matrix product; use --format aoti, or --moe dense")
+        return "ONNX has no grouped matrix product; use --format aoti, or --moe dense"
+    return None
 
 
 def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig, dtype: torch.dtype = torch.float32,
@@ -72,18 +74,18 @@ def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig, dtype:
     512-token chunk 3375 vs 1938 tok/s, median of 10; at 64-token chunks a tie: each expert's
     product is too small); dense elsewhere (fp32, where torch._grouped_mm does not export; CUDA,
     not measured yet).
-    ``grouped`` explicitly: where ``check_grouped`` allows it."""
+    ``grouped`` explicitly: where ``grouped_unfit`` finds nothing against it."""
     if mode == "auto":
         slots = tokens_per_call * config.moe_top_k
         if slots < config.moe_num_experts:
             return "gather"
-        grouped = (dtype == torch.bfloat16 and device.type == "cpu" and not onnx
-                   and not (config.d_model % 8 or config.ffn_hidden_size % 8))
+        grouped = device.type == "cpu" and grouped_unfit(config, dtype, onnx) is None
         return "grouped" if grouped and slots >= GROUPED_MIN_ROWS * config.moe_num_experts else "dense"
     if mode not in MOE_MODES:
         raise DbrxAotError(f"--moe {mode}: expected one of {', '.join(MOE_MODES)}")
-    if mode == "grouped":
-        check_grouped(config, dtype, onnx)
+    why = grouped_unfit(config, dtype, onnx) if mode == "grouped" else None
+    if why is not None:
+        raise DbrxAotError(f"--moe grouped: {why}")
     return mode  # type: ignore[return-value]
 
 
