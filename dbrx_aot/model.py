@@ -47,7 +47,7 @@ MoeMode = Literal["dense", "gather", "grouped"]
 MOE_MODES = ("auto", "dense", "gather", "grouped")
 W2_ROW_BLOCK = 16  # the gather form's w2 rows summed together first (MoE.forward)
 # auto picks grouped from this many token slots per expert on average (B*T*k/E), where it was
-# measured faster than dense (bf16, CPU, small preset: 1.13-1.74x at 128 an expert, 0.96-1.06x at 16).
+# measured faster than dense (bf16, CPU, small preset: 1.13-2.06x at 128 an expert, 0.96-1.10x at 16).
 GROUPED_MIN_ROWS = 128
 
 
@@ -71,8 +71,8 @@ def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig, dtype:
     """``auto``: gather when the call's tokens pick fewer expert slots than there are experts;
     grouped on CPU in bf16 without ONNX graphs once the experts get GROUPED_MIN_ROWS slots each on
     average (small preset, AOTInductor, 2 cores, scripts/ab_bench.py: a 512-token prompt in one
-    512-token chunk 3375 vs 1938 tok/s, median of 10; at 64-token chunks a tie: each expert's
-    product is too small); dense elsewhere (fp32, where torch._grouped_mm does not export; CUDA,
+    512-token chunk 3186 vs 1546 tok/s, median of 10; at 64-token chunks about a tie: each
+    expert's product is too small); dense elsewhere (fp32, where torch._grouped_mm does not export; CUDA,
     not measured yet).
     ``grouped`` explicitly: where ``grouped_unfit`` finds nothing against it."""
     if mode == "auto":
