@@ -224,8 +224,8 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--max-seq-len", default=None, type=int, help="S: cache slots per row [default: min(model, 4096)].")
 @click.option("--prefill-chunk", default=None, type=int, help="P: tokens per prefill call [default: min(S, 64)].")
 @click.option("--moe", default="auto", show_default=True, type=click.Choice(["auto", "dense", "gather", "grouped"]),
-              help="auto: gather for decode when B*top_k < experts; otherwise grouped (bf16 on CPU, "
-                   "AOTInductor only), dense elsewhere.")
+              help="auto: gather for decode when B*top_k < experts; otherwise grouped (on CPU, "
+                   "AOTInductor only, from 16 token slots an expert in fp32, 128 in bf16), dense elsewhere.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
 @click.option("--skip-weights", is_flag=True, help="Compile only: no weights (the artifact cannot run).")
 @click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "small", "dbrx-132b"]),

@@ -46,21 +46,19 @@ from dbrx_aot.quantize import INT8_ZERO_POINT, check_weights_format, quantize_in
 MoeMode = Literal["dense", "gather", "grouped"]
 MOE_MODES = ("auto", "dense", "gather", "grouped")
 W2_ROW_BLOCK = 16  # the gather form's w2 rows summed together first (MoE.forward)
-# auto picks grouped from this many token slots per expert on average (B*T*k/E), where it was
-# measured faster than dense (bf16, CPU, small preset: 1.13-2.06x at 128 an expert, 0.96-1.10x at 16).
-GROUPED_MIN_ROWS = 128
+# auto picks grouped from this many token slots per expert on average (B*T*k/E), by compute dtype,
+# where it was measured faster than dense (CPU, small preset, AOTInductor, scripts/ab_bench.py):
+# bf16 1.13-2.06x at 128 an expert, a tie at 16; fp32 1.26-1.33x at 16, 1.61x at 32, 2.25x at 128.
+GROUPED_MIN_ROWS = {torch.bfloat16: 128, torch.float32: 16}
 
 
 def grouped_unfit(config: DbrxConfig, dtype: torch.dtype, onnx: bool = False) -> str | None:
-    """Why the grouped form cannot be compiled here, or None: it compiles only in bf16
-    (torch._grouped_mm's export-time check), on rows of a multiple of 16 bytes, and has no ONNX
-    counterpart."""
-    if dtype != torch.bfloat16:
-        return (f"needs --dtype bfloat16 (torch._grouped_mm exports bf16 only), not "
-                f"{str(dtype).removeprefix('torch.')}; use --moe dense")
-    if config.d_model % 8 or config.ffn_hidden_size % 8:
+    """Why the grouped form cannot be compiled here, or None: bf16 goes through torch._grouped_mm,
+    which wants rows of a multiple of 16 bytes; other dtypes through the project op
+    (``grouped_mm``); ONNX has no counterpart."""
+    if dtype == torch.bfloat16 and (config.d_model % 8 or config.ffn_hidden_size % 8):
         return (f"d_model {config.d_model} and ffn_hidden_size {config.ffn_hidden_size} must be multiples of 8 "
-                "(torch._grouped_mm's 16-byte rows); use --moe dense")
+                "(torch._grouped_mm's 16-byte rows in bf16); use --moe dense")
     if onnx:
         return "ONNX has no grouped matrix product; use --format aoti, or --moe dense"
     return None
@@ -69,24 +67,45 @@ def grouped_unfit(config: DbrxConfig, dtype: torch.dtype, onnx: bool = False) ->
 def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig, dtype: torch.dtype = torch.float32,
                      device: torch.device = torch.device("cpu"), onnx: bool = False) -> MoeMode:
     """``auto``: gather when the call's tokens pick fewer expert slots than there are experts;
-    grouped on CPU in bf16 without ONNX graphs once the experts get GROUPED_MIN_ROWS slots each on
-    average (small preset, AOTInductor, 2 cores, scripts/ab_bench.py: a 512-token prompt in one
-    512-token chunk 3186 vs 1546 tok/s, median of 10; at 64-token chunks about a tie: each
-    expert's product is too small); dense elsewhere (fp32, where torch._grouped_mm does not export; CUDA,
-    not measured yet).
+    grouped on CPU without ONNX graphs once the experts get ``GROUPED_MIN_ROWS[dtype]`` slots each
+    on average; dense elsewhere (below that, with ONNX graphs, on CUDA: not measured yet).
     ``grouped`` explicitly: where ``grouped_unfit`` finds nothing against it."""
     if mode == "auto":
         slots = tokens_per_call * config.moe_top_k
         if slots < config.moe_num_experts:
             return "gather"
-        grouped = device.type == "cpu" and grouped_unfit(config, dtype, onnx) is None
-        return "grouped" if grouped and slots >= GROUPED_MIN_ROWS * config.moe_num_experts else "dense"
+        rows = GROUPED_MIN_ROWS.get(dtype)
+        grouped = device.type == "cpu" and rows is not None and grouped_unfit(config, dtype, onnx) is None
+        return "grouped" if grouped and slots >= rows * config.moe_num_experts else "dense"
     if mode not in MOE_MODES:
         raise DbrxAotError(f"--moe {mode}: expected one of {', '.join(MOE_MODES)}")
     why = grouped_unfit(config, dtype, onnx) if mode == "grouped" else None
     if why is not None:
         raise DbrxAotError(f"--moe grouped: {why}")
     return mode  # type: ignore[return-value]
+
+
+@torch.library.custom_op("dbrx_aot::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=ends)`` ([A, X] rows sorted by group, [G, X, Y] -> [A, Y]) as
+    an opaque project op, for the dtypes whose export torch refuses: torch 2.13's meta function
+    admits bf16 only, while the kernels (CPU, and CUDA's fallback) run fp32 and fp16 too. An
+    AOTInductor package calls it through its proxy executor: it runs in a process where this module
+    is imported (the aoti runtime imports it), not in a C++ host without the op."""
+    return torch._grouped_mm(a, b, offs=ends)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(a, b, ends):
+    return a.new_empty(a.shape[0], b.shape[-1])                     # [A, Y]
+
+
+def group_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` sorted by group times each group's matrix of ``b``: aten's op where its export
+    admits the dtype (bf16, compiled into the package), the project op otherwise."""
+    if a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=ends)
+    return grouped_mm(a, b, ends)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -202,7 +221,7 @@ class MoE(nn.Module):
     Three static-shape forms of the same sum (``mode``): ``dense`` (every expert on every token,
     weighted by a routing weight that is zero where not chosen), ``gather`` (each token's k experts'
     rows gathered by index: decode), ``grouped`` (the token slots sorted by expert and multiplied
-    expert by expert with torch._grouped_mm: bf16 prefill).
+    expert by expert, ``group_matmul``: prefill on CPU).
 
     ``weight`` reads an expert tensor (all of it, or the rows of the chosen experts) in the compute
     dtype and ``scale`` applies its per-output-channel scale after the reduction: the identity
@@ -278,7 +297,7 @@ class MoE(nn.Module):
 
     def grouped(self, h, top_w, top_e):
         """Each expert's matmuls over only the token slots routed to it: the N*k slots sorted by
-        expert, torch._grouped_mm with the group ends as data (static shapes), then back to token
+        expert, ``group_matmul`` with the group ends as data (static shapes), then back to token
         order and weighted. Reads each expert once and multiplies k/E of dense's rows."""
         (N, D), k, E = h.shape, top_e.shape[1], self.config.moe_num_experts
         A = N * k
@@ -289,11 +308,10 @@ class MoE(nn.Module):
         ends = (e[:, None] == torch.arange(E, device=h.device)).sum(0).cumsum(0).to(torch.int32)  # [E]
         rows = h[order // k]                                            # [A, D] slot i is token i // k
         dt = h.dtype
-        gate = F_.silu(self.scale(torch._grouped_mm(rows, self.weight(self.w1, dt).transpose(1, 2), offs=ends),
+        gate = F_.silu(self.scale(group_matmul(rows, self.weight(self.w1, dt).transpose(1, 2), ends),
                                   "w1", experts))                       # [A, F]
-        up = self.scale(torch._grouped_mm(rows, self.weight(self.v1, dt).transpose(1, 2), offs=ends),
-                        "v1", experts)                                  # [A, F]
-        y = self.scale(torch._grouped_mm(gate * up, self.weight(self.w2, dt), offs=ends), "w2", experts)  # [A, D]
+        up = self.scale(group_matmul(rows, self.weight(self.v1, dt).transpose(1, 2), ends), "v1", experts)  # [A, F]
+        y = self.scale(group_matmul(gate * up, self.weight(self.w2, dt), ends), "w2", experts)  # [A, D]
         inverse = torch.empty_like(order).scatter_(0, order, slots)     # [A] token order
         return (y[inverse].view(N, k, D) * top_w[..., None]).sum(1)     # [N, D]
 

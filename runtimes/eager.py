@@ -36,9 +36,6 @@ class EagerRuntime(RuntimeBase):
         moe_modes = moe_modes or {
             graph: resolve_moe_mode(moe, tokens, config, self.dtype, self.device)
             for graph, tokens in (("prefill", batch_size * prefill_chunk), ("decode", batch_size))}
-        if self.dtype != torch.bfloat16:  # a bf16 grouped artifact read in another dtype (verify's
-            # fp32 reference): torch._grouped_mm is bf16 on CUDA; dense is the same sum
-            moe_modes = {graph: "dense" if mode == "grouped" else mode for graph, mode in moe_modes.items()}
         self._prefill = CachedStep(model, moe_modes["prefill"])
         self._decode = CachedStep(model, moe_modes["decode"])
         self.decode_moe = self._decode.moe

@@ -10,14 +10,18 @@ machine; it reports the median and best round.
 A round is one ``dbrx_aot.bench.bench_runtime`` call with one timed prefill: the prompt's
 prefill (P tokens a call, logits at the last prompt token, as generation runs it), then
 ``--new-tokens`` greedy decode steps, after its own warm-up. Batch-1 artifacts.
+``--transformers CHECKPOINT`` adds the peer (transformers' DbrxForCausalLM, as
+scripts/peer_bench.py times it: one-shot prefill with ``logits_to_keep=1``) to the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +30,25 @@ import dbrx_aot
 from dbrx_aot.bench import bench_runtime
 
 
-def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int) -> dict:
+def transformers_round(checkpoint: Path, dtype: str, prompt_len: int, new_tokens: int):
+    """The peer as one more contender: transformers' DbrxForCausalLM on the artifact's checkpoint
+    (scripts/peer_bench.py), a round being one ``logits_to_keep=1`` prefill and the greedy steps."""
+    spec = importlib.util.spec_from_file_location("peer_bench", Path(__file__).with_name("peer_bench.py"))
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    model = peer.load(checkpoint, getattr(torch, dtype))
+    ids = peer.prompt_ids(model, prompt_len)
+
+    def one_round() -> dict:
+        return {"prefill_tokens_per_s": prompt_len / peer.prefill_seconds(model, ids),
+                "decode_tokens_per_s": new_tokens / peer.decode_seconds(model, ids, new_tokens)}
+
+    one_round()  # warm-up
+    return peer.name(model), one_round
+
+
+def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transformers: Path | None = None,
+       transformers_dtype: str = "float32") -> dict:
     if prompt_len < 1 or new_tokens < 1:
         raise dbrx_aot.DbrxAotError(f"--prompt-len {prompt_len}, --new-tokens {new_tokens}: expected at least 1 each")
     runtimes = {str(p): dbrx_aot.load_runtime(p, "aoti", progress=False, verify_checksums=False) for p in paths}
@@ -34,10 +56,14 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int) -> dict
         if rt.batch_size != 1 or prompt_len + new_tokens > rt.max_seq_len:
             raise dbrx_aot.DbrxAotError(f"{name}: batch {rt.batch_size}, {rt.max_seq_len} cache slots; expected "
                                         f"batch 1 and at least {prompt_len + new_tokens} slots")
-    runs: dict[str, list[dict]] = {name: [] for name in runtimes}
+    contenders = {name: partial(bench_runtime, rt, prompt_len, new_tokens, repeats=1) for name, rt in runtimes.items()}
+    if transformers is not None:
+        name, one_round = transformers_round(transformers, transformers_dtype, prompt_len, new_tokens)
+        contenders[name] = one_round
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(rounds):
-        for name, rt in runtimes.items():
-            runs[name].append(bench_runtime(rt, prompt_len, new_tokens, repeats=1))
+        for name, one_round in contenders.items():
+            runs[name].append(one_round())
     result = {}
     for name, rs in runs.items():
         result[name] = {key: {"median": statistics.median(r[key] for r in rs), "best": max(r[key] for r in rs)}
@@ -52,10 +78,14 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--transformers", type=Path, metavar="CHECKPOINT",
+                        help="also time transformers' DbrxForCausalLM on this checkpoint, in the same rounds")
+    parser.add_argument("--transformers-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        result = ab(args.artifacts, args.prompt_len, args.new_tokens, args.rounds)
+        result = ab(args.artifacts, args.prompt_len, args.new_tokens, args.rounds, args.transformers,
+                    args.transformers_dtype)
     except dbrx_aot.DbrxAotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,38 +36,53 @@ def load(path: Path, dtype: torch.dtype):
     return transformers.DbrxForCausalLM.from_pretrained(path, config=config, dtype=dtype).eval()
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of(seconds, repeats: int) -> float:
+    seconds()  # warm-up
+    return min(seconds() for _ in range(repeats))
+
+
+def prompt_ids(model, prompt_len: int) -> torch.Tensor:
+    return torch.randint(0, min(1000, model.config.vocab_size), (1, prompt_len),
+                         generator=torch.Generator().manual_seed(0))        # [1, T]
 
 
 @torch.inference_mode()
-def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3, dtype: str = "float32") -> dict:
+def prefill_seconds(model, ids: torch.Tensor, every_position: bool = False) -> float:
+    """One prefill of the prompt without a cache: lm_head at the last position only, as generate
+    prefills (or at every position)."""
+    start = time.perf_counter()
+    model(ids, use_cache=False, **({} if every_position else {"logits_to_keep": 1}))
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """``new_tokens`` greedy steps through a DynamicCache after the prompt (the steps timed)."""
     import transformers
 
-    model = load(path, getattr(torch, dtype))
-    ids = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    last = best_of(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats)
-    every = best_of(lambda: model(ids, use_cache=False), repeats)
-
-    def decode():
-        cache = transformers.DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, logits_to_keep=1)
+    out = model(ids, past_key_values=transformers.DynamicCache(config=model.config), logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=out.past_key_values)
         token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=out.past_key_values)
-            token = out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - start
+    return time.perf_counter() - start
 
-    decode()  # warm-up
-    decode_s = min(decode() for _ in range(repeats))
-    return {"runtime": f"transformers {transformers.__version__} eager", "dtype": dtype, "prompt_len": prompt_len,
+
+def name(model) -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__} eager {str(model.dtype).removeprefix('torch.')}"
+
+
+def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3, dtype: str = "float32") -> dict:
+    model = load(path, getattr(torch, dtype))
+    ids = prompt_ids(model, prompt_len)
+    last = best_of(lambda: prefill_seconds(model, ids), repeats)
+    every = best_of(lambda: prefill_seconds(model, ids, every_position=True), repeats)
+    decode_seconds(model, ids, new_tokens)  # warm-up
+    decode_s = min(decode_seconds(model, ids, new_tokens) for _ in range(repeats))
+    return {"runtime": name(model), "dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "threads": torch.get_num_threads(),
             "prefill_tokens_per_s": prompt_len / last, "prefill_all_logits_tokens_per_s": prompt_len / every,
             "decode_tokens_per_s": new_tokens / decode_s}
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['runtime']} {args.dtype}: prefill {result['prefill_tokens_per_s']:.0f} tok/s (logits_to_keep=1), "
+        print(f"{result['runtime']}: prefill {result['prefill_tokens_per_s']:.0f} tok/s (logits_to_keep=1), "
               f"{result['prefill_all_logits_tokens_per_s']:.0f} tok/s (every position's logits); "
               f"decode {result['decode_tokens_per_s']:.1f} tok/s ({args.prompt_len}-token prompt, "
               f"{args.new_tokens} steps, {result['threads']} threads)")

@@ -204,3 +204,22 @@ def test_dbrx_132b_graphs_compile_in_a_few_gb(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["d_model"] == 6144 and manifest["weights"] == {}
     assert peak_gb < 4, peak_gb
+
+
+def test_fp32_grouped_experts_through_the_project_op_pass_verify(tiny_checkpoint, tmp_path):
+    """auto on CPU in fp32, AOTInductor only, 16 token slots an expert (B=1, P=64, k=4, E=16): the
+    prefill graph groups its experts through dbrx_aot::grouped_mm (torch's export refuses fp32
+    torch._grouped_mm), called by the package's proxy executor; exact to eager within fp32's bar."""
+    import zipfile
+
+    from dbrx_aot.export import export_artifact
+    from dbrx_aot.verify import verify
+
+    path = export_artifact(tiny_checkpoint, tmp_path / "grouped", formats="aoti", batch_size=1, max_seq_len=128,
+                           prefill_chunk=64, progress=False).path
+    assert json.loads((path / "manifest.json").read_text())["moe_modes"] == {"prefill": "grouped", "decode": "gather"}
+    with zipfile.ZipFile(path / "aoti" / "prefill.pt2") as package:
+        assert any(b"dbrx_aot::grouped_mm" in package.read(n) for n in package.namelist() if n.endswith(".json"))
+    assert dbrx_aot.load_runtime(path, "eager", progress=False)._prefill.moe == "grouped"
+    (aoti,) = verify(path, steps=8, progress=False).reports
+    assert aoti.runtime == "aoti" and aoti.within_tolerance and aoti.top1_agreement == 1.0, aoti

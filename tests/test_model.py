@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -87,23 +88,27 @@ def test_auto_mode_picks_gather_for_small_decode(path):
     assert resolve_moe_mode("auto", 1, config) == "gather"       # 1 * k=2 < E=8
     assert resolve_moe_mode("auto", 8, config) == "dense"        # 8 * 2 >= 8
     assert rt._decode.moe == "gather" and rt._prefill.moe == "dense"
-    # Grouped where it compiles and was measured faster: bf16 on CPU, no ONNX graph to match, and
-    # GROUPED_MIN_ROWS (128) slots per expert: 128 * E=8 / k=2 = 512 tokens a call.
-    bf16 = torch.bfloat16
+    # Grouped where it compiles and was measured faster: on CPU, no ONNX graph to match, from
+    # GROUPED_MIN_ROWS slots per expert: fp32 16 (16 * E=8 / k=2 = 64 tokens a call), bf16 128 (512).
+    bf16, fp32 = torch.bfloat16, torch.float32
     assert resolve_moe_mode("auto", 512, config, bf16) == "grouped"
     assert resolve_moe_mode("auto", 511, config, bf16) == "dense"
     assert resolve_moe_mode("auto", 1, config, bf16) == "gather"
+    assert resolve_moe_mode("auto", 64, config, fp32) == "grouped"
+    assert resolve_moe_mode("auto", 63, config, fp32) == "dense"
     assert resolve_moe_mode("auto", 512, config, bf16, onnx=True) == "dense"
     assert resolve_moe_mode("auto", 512, config, bf16, torch.device("cuda")) == "dense"
-    assert resolve_moe_mode("auto", 512, config, torch.float32) == "dense"
+    assert resolve_moe_mode("auto", 512, config, torch.float16) == "dense"  # not measured
     bf16_rt = load(path, moe="auto", dtype="bfloat16", batch_size=8, max_seq_len=128, prefill_chunk=64)
     assert (bf16_rt._prefill.moe, bf16_rt._decode.moe) == ("grouped", "dense")  # 8 * 64 = 512 tokens; 8 * 2 = 16
 
 
 def test_grouped_moe_refuses_what_cannot_compile(path):
     config = load(path).config
-    with pytest.raises(dbrx_aot.DbrxAotError, match="--moe grouped: needs --dtype bfloat16"):
-        resolve_moe_mode("grouped", 8, config, torch.float32)
+    unaligned = dataclasses.replace(config, ffn_hidden_size=config.ffn_hidden_size + 4)
+    with pytest.raises(dbrx_aot.DbrxAotError, match="--moe grouped: d_model .* must be multiples of 8"):
+        resolve_moe_mode("grouped", 8, unaligned, torch.bfloat16)
+    assert resolve_moe_mode("grouped", 8, unaligned, torch.float32) == "grouped"  # the project op has no such rule
     with pytest.raises(dbrx_aot.DbrxAotError, match="--moe grouped: ONNX has no grouped matrix product"):
         resolve_moe_mode("grouped", 8, config, torch.bfloat16, onnx=True)
     with pytest.raises(dbrx_aot.DbrxAotError, match="--moe sparse: expected one of auto, dense, gather, grouped"):
