@@ -100,12 +100,18 @@ def _grouped_mm_shape(a, b, ends):
     return a.new_empty(a.shape[0], b.shape[-1])                     # [A, Y]
 
 
+def project_ops(moe: MoeMode, dtype: torch.dtype) -> list[str]:
+    """The dbrx_aot ops a compiled graph of this MoE form and dtype calls (the manifest's
+    ``aoti_ops``): a process loading its package must have imported dbrx_aot."""
+    return ["dbrx_aot::grouped_mm"] if moe == "grouped" and dtype != torch.bfloat16 else []
+
+
 def group_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` sorted by group times each group's matrix of ``b``: aten's op where its export
     admits the dtype (bf16, compiled into the package), the project op otherwise."""
-    if a.dtype == torch.bfloat16:
-        return torch._grouped_mm(a, b, offs=ends)
-    return grouped_mm(a, b, ends)
+    if project_ops("grouped", a.dtype):
+        return grouped_mm(a, b, ends)
+    return torch._grouped_mm(a, b, offs=ends)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

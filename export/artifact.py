@@ -23,7 +23,7 @@ from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, resolve_attention, stage
-from dbrx_aot.model import resolve_moe_mode
+from dbrx_aot.model import project_ops, resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.safetensors_io import StreamingWriter, open_checked
@@ -145,6 +145,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
                     graphs[name]["aoti"] = f"aoti/{name}.pt2"
                     graphs[name]["aoti_attention"] = attention_modes[name]
                     graphs[name]["aoti_linear"] = linear
+                    graphs[name]["aoti_ops"] = project_ops(specs[name].moe, torch_dtype)
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 

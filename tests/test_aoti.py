@@ -217,7 +217,10 @@ def test_fp32_grouped_experts_through_the_project_op_pass_verify(tiny_checkpoint
 
     path = export_artifact(tiny_checkpoint, tmp_path / "grouped", formats="aoti", batch_size=1, max_seq_len=128,
                            prefill_chunk=64, progress=False).path
-    assert json.loads((path / "manifest.json").read_text())["moe_modes"] == {"prefill": "grouped", "decode": "gather"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["moe_modes"] == {"prefill": "grouped", "decode": "gather"}
+    assert {g: manifest["graphs"][g]["aoti_ops"] for g in manifest["graphs"]} == {
+        "prefill": ["dbrx_aot::grouped_mm"], "decode": []}
     with zipfile.ZipFile(path / "aoti" / "prefill.pt2") as package:
         assert any(b"dbrx_aot::grouped_mm" in package.read(n) for n in package.namelist() if n.endswith(".json"))
     assert dbrx_aot.load_runtime(path, "eager", progress=False)._prefill.moe == "grouped"

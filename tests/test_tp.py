@@ -176,13 +176,9 @@ def test_cli_under_torchrun_prints_once_and_matches_one_process(tp_artifact, tin
     assert proc.stderr.count("tokens in") == 1  # the other rank prints nothing but errors
 
 
-def test_world_size_mismatch_fails_on_every_rank(tiny_checkpoint, tmp_path):
+def test_world_size_mismatch_fails_on_every_rank(artifacts):
     """An artifact without --tp launched on 2 ranks: one line per rank, exit code 2."""
-    from dbrx_aot.export import export_artifact
-
-    single = export_artifact(tiny_checkpoint, tmp_path / "single", formats="aoti", progress=False,
-                             skip_weights=False, **{**TP_SHAPES, "batch_size": 1}).path
-    proc = torchrun("-m", "dbrx_aot", "generate", single, "--runtime", "aoti", "--prompt", "hi")
+    proc = torchrun("-m", "dbrx_aot", "generate", artifacts["gather"], "--runtime", "aoti", "--prompt", "hi")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "launched in a world of 2 ranks" in line]
     assert sorted(line.split(":")[0] for line in lines) == ["error", "error (rank 1)"], proc.stderr[-2000:]
