@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,6 +96,28 @@ def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return {moe: export_artifact(tiny_checkpoint, root / moe, formats=ARTIFACT_FORMATS, moe=moe, progress=False,
                                  **{**ARTIFACT_SHAPES, "batch_size": 1 if moe == "gather" else 2}).path
             for moe in ("dense", "gather", "auto")}
+
+
+@dataclasses.dataclass
+class DryRun:
+    proc: subprocess.CompletedProcess
+    out: Path   # summary.json, summary.md, log.txt
+    work: Path  # its checkpoints and artifacts: slice-NAME are compile-only (--skip-weights) exports
+
+
+@pytest.fixture(scope="session")
+def gpu_check_dry_run(tmp_path_factory) -> DryRun:
+    """`make gpu-check DEVICE=cpu` run once (its exports are the suite's slowest minutes): the GPU
+    check's own test reads its summary, others reuse its artifacts."""
+    gpu_check = load_script("gpu_check")
+    root = tmp_path_factory.mktemp("gpu-check")
+    out, work = root / "out", root / "work"
+    # Never pip-install into the test's environment: the install stage only confirms this tree is installed.
+    flags = f"--work {work}" + ("" if gpu_check.installed_from_here() else " --skip-install")
+    proc = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu", f"PYTHON={sys.executable}", f"OUT={out}",
+                           f"GPU_CHECK_FLAGS={flags}"], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=900)
+    return DryRun(proc, out, work)
 
 
 def copy_artifact(src: Path, dst: Path) -> Path:

@@ -179,15 +179,12 @@ def test_full_disk_during_export(tiny_checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_skip_weights_artifact_refuses_to_run(tmp_path):
-    from dbrx_aot.config import preset
-    from dbrx_aot.export import export_artifact
-
-    # Compile-only export of a config with no checkpoint (as for dbrx-132b); no weights to run.
-    report = export_artifact(None, tmp_path / "graphs", config=preset("tiny"), skip_weights=True, formats="aoti",
-                             max_seq_len=16, prefill_chunk=4, progress=False)
-    assert not (report.path / "weights").exists()
-    assert "--skip-weights" in error_of(report.path)
+def test_skip_weights_artifact_refuses_to_run(gpu_check_dry_run):
+    # A compile-only export of a preset with no checkpoint (as for dbrx-132b; the GPU check's
+    # slice: `export --preset small --layers 1 --skip-weights`): no weights to run.
+    path = gpu_check_dry_run.work / "slice-batch1"
+    assert (path / "manifest.json").is_file() and not (path / "weights").exists()
+    assert "--skip-weights" in error_of(path)
 
 
 @pytest.mark.slow

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 gpu_check = load_script("gpu_check")
 
 
-def test_make_gpu_check_dry_run_on_cpu(tmp_path):
+def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     """`make gpu-check DEVICE=cpu`: every stage at tiny sizes, the summary written in full."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    # Never pip-install into the test's environment: the install stage only confirms this tree is installed.
-    flags = f"--work {work}" + ("" if gpu_check.installed_from_here() else " --skip-install")
-    proc = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu", f"PYTHON={sys.executable}", f"OUT={out}",
-                           f"GPU_CHECK_FLAGS={flags}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc, out = gpu_check_dry_run.proc, gpu_check_dry_run.out
     summary = json.loads((out / "summary.json").read_text())
     failed = [s for s in summary["stages"] if not s["ok"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
