@@ -507,15 +507,18 @@ def test_killed_export_leaves_a_partial_directory_the_next_one_removes(tiny_chec
     assert staging_dir(out).name.startswith(f".art.partial-{os.getpid()}-")
 
 
-def test_ab_bench_alternates_artifacts_in_one_process(artifacts, capsys):
-    """scripts/ab_bench.py: the in-process A/B behind the README's before/after figures."""
+def test_ab_bench_alternates_artifacts_in_one_process(artifacts, tiny_checkpoint, capsys):
+    """scripts/ab_bench.py: the in-process A/B behind the README's before/after figures, with
+    transformers on the artifact's checkpoint in the same rounds."""
     from conftest import load_script
 
     ab_bench = load_script("ab_bench")
     assert ab_bench.main([str(artifacts["gather"]), "--prompt-len", "11", "--new-tokens", "3", "--rounds", "2",
-                          "--json"]) == 0
-    (r,) = json.loads(capsys.readouterr().out)["artifacts"].values()
-    assert r["prefill_tokens_per_s"]["best"] >= r["prefill_tokens_per_s"]["median"] > 0
-    assert r["decode_tokens_per_s"]["median"] > 0
+                          "--transformers", str(tiny_checkpoint), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["artifacts"]
+    assert list(results)[0] == str(artifacts["gather"]) and list(results)[1].startswith("transformers ")
+    for r in results.values():
+        assert r["prefill_tokens_per_s"]["best"] >= r["prefill_tokens_per_s"]["median"] > 0
+        assert r["decode_tokens_per_s"]["median"] > 0
     assert ab_bench.main([str(artifacts["gather"]), str(artifacts["dense"]), "--prompt-len", "8", "--new-tokens", "2"]) == 2
     assert "dense: batch 2, 64 cache slots; expected batch 1" in capsys.readouterr().err
