@@ -32,8 +32,10 @@ class Tolerance:
     differ by rounding in a different order, and neither is the truth. Both are measured against
     the fp32 eager model on the same (rounded) weights, and the runtime must be at least about as
     close to it as half-precision eager is (the baseline): mean KL <= kl_factor x the baseline's
-    KL + max_kl, and top-1 >= the baseline's top-1 - top1_margin. max |logit error| is reported,
-    not judged (one rounding flip on a peaked logit says little).
+    KL + max_kl, and top-1 >= the baseline's top-1 - top1_margin, a margin of never fewer than
+    ``top1_min_positions`` of the result's positions: one near-tie of the reference flips either way,
+    and at a few decode steps (``verify --steps 8``: ~90 positions) 2% is under two positions.
+    max |logit error| is reported, not judged (one rounding flip on a peaked logit says little).
     """
 
     max_abs: float | None
@@ -41,6 +43,7 @@ class Tolerance:
     max_kl: float
     kl_factor: float | None = None
     top1_margin: float = 0.0
+    top1_min_positions: int = 2
 
     @property
     def relative(self) -> bool:
@@ -49,15 +52,17 @@ class Tolerance:
     def admits(self, result: dict, baseline: dict | None = None) -> bool:
         if self.relative:
             assert baseline is not None
+            positions = result.get("positions")
+            margin = max(self.top1_margin, self.top1_min_positions / positions) if positions else self.top1_margin
             return (result["mean_kl"] <= self.kl_factor * baseline["mean_kl"] + self.max_kl
-                    and result["top1_agreement"] >= baseline["top1_agreement"] - self.top1_margin)
+                    and result["top1_agreement"] >= baseline["top1_agreement"] - margin)
         return ((self.max_abs is None or result["max_abs_error"] <= self.max_abs)
                 and result["top1_agreement"] >= self.min_top1 and result["mean_kl"] <= self.max_kl)
 
     def describe(self, dtype: str) -> str:
         if self.relative:
             return (f"KL <= {self.kl_factor:g}x eager {dtype}'s + {self.max_kl:g}, "
-                    f"top-1 >= eager {dtype}'s - {self.top1_margin:.0%}")
+                    f"top-1 >= eager {dtype}'s - {self.top1_margin:.0%} (at least {self.top1_min_positions} positions)")
         if self.max_abs is None:
             return f"KL <= {self.max_kl:g}, top-1 >= {self.min_top1:.0%}"
         return f"max {self.max_abs:g}"

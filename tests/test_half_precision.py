@@ -67,6 +67,13 @@ def test_tolerance_rules():
     assert bf16.admits({"max_abs_error": 5.0, "top1_agreement": 0.94, "mean_kl": 5e-4}, base)
     assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 0.99, "mean_kl": 7e-4}, base)
     assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 0.92, "mean_kl": 1e-4}, base)
+    # Never less slack than two positions: 2% of 87 is 1.7, so 85 of 87 passes against a baseline of 87.
+    assert bf16.admits({"max_abs_error": 0.1, "top1_agreement": 85 / 87, "mean_kl": 1e-4, "positions": 87},
+                       {**base, "top1_agreement": 1.0})
+    assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 84 / 87, "mean_kl": 1e-4, "positions": 87},
+                           {**base, "top1_agreement": 1.0})
+    assert not bf16.admits({"max_abs_error": 0.1, "top1_agreement": 0.97, "mean_kl": 1e-4, "positions": 1000},
+                           {**base, "top1_agreement": 1.0})  # 30 of 1000: the 2% bar decides
     assert isinstance(bf16, Tolerance) and bf16.relative and not fp32.relative
     with pytest.raises(AssertionError):
         bf16.admits(ok)  # a relative bar needs its baseline
