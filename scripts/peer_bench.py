@@ -80,8 +80,7 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int = 3, dtyp
     ids = prompt_ids(model, prompt_len)
     last = best_of(lambda: prefill_seconds(model, ids), repeats)
     every = best_of(lambda: prefill_seconds(model, ids, every_position=True), repeats)
-    decode_seconds(model, ids, new_tokens)  # warm-up
-    decode_s = min(decode_seconds(model, ids, new_tokens) for _ in range(repeats))
+    decode_s = best_of(lambda: decode_seconds(model, ids, new_tokens), repeats)
     return {"runtime": name(model), "dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "threads": torch.get_num_threads(),
             "prefill_tokens_per_s": prompt_len / last, "prefill_all_logits_tokens_per_s": prompt_len / every,
