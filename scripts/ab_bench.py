@@ -1,9 +1,9 @@
 """Two or more artifacts timed in one process, alternating: an A/B of a graph change.
 
 On a shared machine a figure moves with whatever else runs; runs of ``dbrx-aot bench`` minutes
-apart compare the neighbours as much as the graphs. This loads every artifact's aoti runtime in
-one process and times them in alternating rounds, so each round of each artifact sees the same
-machine; it reports the median and best round.
+apart compare the neighbours as much as the graphs. This loads every artifact's aoti runtime
+(``--runtime onnxruntime``: its ONNX graphs) in one process and times them in alternating rounds,
+so each round of each artifact sees the same machine; it reports the median and best round.
 
     python scripts/ab_bench.py build/before build/after --prompt-len 128 --new-tokens 64 --rounds 8
 
@@ -48,10 +48,10 @@ def transformers_round(checkpoint: Path, dtype: str, prompt_len: int, new_tokens
 
 
 def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transformers: Path | None = None,
-       transformers_dtype: str = "float32") -> dict:
+       transformers_dtype: str = "float32", runtime: str = "aoti") -> dict:
     if prompt_len < 1 or new_tokens < 1:
         raise dbrx_aot.DbrxAotError(f"--prompt-len {prompt_len}, --new-tokens {new_tokens}: expected at least 1 each")
-    runtimes = {str(p): dbrx_aot.load_runtime(p, "aoti", progress=False, verify_checksums=False) for p in paths}
+    runtimes = {str(p): dbrx_aot.load_runtime(p, runtime, progress=False, verify_checksums=False) for p in paths}
     for name, rt in runtimes.items():
         if rt.batch_size != 1 or prompt_len + new_tokens > rt.max_seq_len:
             raise dbrx_aot.DbrxAotError(f"{name}: batch {rt.batch_size}, {rt.max_seq_len} cache slots; expected "
@@ -68,7 +68,7 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transfo
     for name, rs in runs.items():
         result[name] = {key: {"median": statistics.median(r[key] for r in rs), "best": max(r[key] for r in rs)}
                         for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
+    return {"runtime": runtime, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "threads": torch.get_num_threads(), "artifacts": result}
 
 
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--runtime", choices=["aoti", "onnxruntime"], default="aoti",
+                        help="the runtime every artifact runs on")
     parser.add_argument("--transformers", type=Path, metavar="CHECKPOINT",
                         help="also time transformers' DbrxForCausalLM on this checkpoint, in the same rounds")
     parser.add_argument("--transformers-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -85,14 +87,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = ab(args.artifacts, args.prompt_len, args.new_tokens, args.rounds, args.transformers,
-                    args.transformers_dtype)
+                    args.transformers_dtype, args.runtime)
     except dbrx_aot.DbrxAotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.rounds} alternating rounds: {args.prompt_len}-token prompt, {args.new_tokens} greedy steps, "
+    print(f"{args.rounds} alternating rounds on {args.runtime}: {args.prompt_len}-token prompt, {args.new_tokens} greedy steps, "
           f"{result['threads']} threads (median, best)")
     for name, r in result["artifacts"].items():
         p, d = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
