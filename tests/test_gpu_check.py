@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import pytest
@@ -14,12 +15,22 @@ from conftest import load_script
 gpu_check = load_script("gpu_check")
 
 
+def failed_commands(log: str) -> list[str]:
+    """The blocks of the check's log.txt ("===== label: command", its output, "===== exit N") whose
+    command exited non-zero."""
+    blocks = re.finditer(r"^===== [^\n]*\n.*?^===== exit (-?\d+)$", log, re.M | re.S)
+    return [b[0] for b in blocks if b[1] != "0"]
+
+
 def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     """`make gpu-check DEVICE=cpu`: every stage at tiny sizes, the summary written in full."""
     proc, out = gpu_check_dry_run.proc, gpu_check_dry_run.out
     summary = json.loads((out / "summary.json").read_text())
     failed = [s for s in summary["stages"] if not s["ok"]]
-    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    if proc.returncode or failed:  # in full (pytest shortens an assert's tuple): the stages, the failed commands
+        print(*(f"{s['name']}: {s['detail']}" for s in failed), *failed_commands((out / "log.txt").read_text()),
+              proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+    assert proc.returncode == 0 and not failed, [s["name"] for s in failed]
     assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "exports",
                                                        "bench", "slice"]
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest.xml", "summary.json", "summary.md"]
