@@ -130,10 +130,10 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, label: str, cmd: list[str], timeout: float) -> tuple[int, str]:
+    def run(self, label: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run a command in its own process group (killed whole on timeout); (exit code, output)."""
         timeout = max(1.0, min(timeout, self.left()))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if self.site is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -260,8 +260,12 @@ class Check:
         t = time.monotonic()
         if self.reuse_exports and (artifact / "manifest.json").is_file():
             return True, 0.0, "reused"
+        # Its own Inductor cache: AOTInductor builds a graph in <cache>/<hash of the graph's code>/
+        # and packages from there after releasing its lock, so two exports of one graph at once (the
+        # slices' decode graphs are alike) can package a .so the other is rewriting.
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{name.replace(' ', '-')}")}
         for cmd in commands:
-            rc, out = self.run(name, cmd, 480)
+            rc, out = self.run(name, cmd, 480, env)
             if rc:
                 return False, time.monotonic() - t, f"exit {rc}: {last_line(out)}"
         return True, time.monotonic() - t, "ok"
