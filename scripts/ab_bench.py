@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.rounds} alternating rounds on {args.runtime}: {args.prompt_len}-token prompt, {args.new_tokens} greedy steps, "
-          f"{result['threads']} threads (median, best)")
+    print(f"{args.rounds} alternating rounds on {args.runtime}: {args.prompt_len}-token prompt, "
+          f"{args.new_tokens} greedy steps, {result['threads']} threads (median, best)")
     for name, r in result["artifacts"].items():
         p, d = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
         print(f"{name}: prefill {p['median']:.0f} ({p['best']:.0f}) tok/s, decode {d['median']:.1f} "

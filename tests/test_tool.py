@@ -522,3 +522,9 @@ def test_ab_bench_alternates_artifacts_in_one_process(artifacts, tiny_checkpoint
         assert r["decode_tokens_per_s"]["median"] > 0
     assert ab_bench.main([str(artifacts["gather"]), str(artifacts["dense"]), "--prompt-len", "8", "--new-tokens", "2"]) == 2
     assert "dense: batch 2, 64 cache slots; expected batch 1" in capsys.readouterr().err
+    # --runtime onnxruntime: the same artifact's ONNX graphs, in the same rounds.
+    assert ab_bench.main([str(artifacts["gather"]), "--runtime", "onnxruntime", "--prompt-len", "5",
+                          "--new-tokens", "2", "--rounds", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runtime"] == "onnxruntime"
+    assert report["artifacts"][str(artifacts["gather"])]["decode_tokens_per_s"]["median"] > 0
