@@ -6,11 +6,15 @@ prefill and decode share one copy of them, the artifact's weights/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import logging
 from pathlib import Path
 
 import torch
 import torch._inductor
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from dbrx_aot.model import DbrxModel, use_rowdot, use_sdpa
 from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
@@ -18,6 +22,30 @@ from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,  # weights live once, in weights/
 }
+
+log = logging.getLogger("dbrx_aot")
+
+
+@contextlib.contextmanager
+def compile_lock():
+    """Held while a package is compiled: one compile at a time per Inductor cache directory.
+
+    AOTInductor builds a graph in <cache>/<hash of the graph's code>/ and packages the .pt2 from
+    there after releasing its own lock, so two processes compiling the same graph at once (two
+    exports, or the GPU check's slices, whose decode graphs are alike) can zip a .so the other is
+    rewriting. Processes with their own ``TORCHINDUCTOR_CACHE_DIR`` compile in parallel."""
+    path = Path(cache_dir()) / "dbrx-aot-compile.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process's compile in %s (set TORCHINDUCTOR_CACHE_DIR per "
+                     "process to compile in parallel)", path.parent)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def resolve_linear(spec: GraphSpec, batch_size: int, device: torch.device, weights_format: str) -> str:
@@ -46,7 +74,7 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
             use_sdpa(model)
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), torch_deprecations_hidden():
+    with torch.no_grad(), torch_deprecations_hidden(), compile_lock():
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(out),
                                                         inductor_configs=INDUCTOR_CONFIGS)
     return Path(path)

@@ -260,9 +260,9 @@ class Check:
         t = time.monotonic()
         if self.reuse_exports and (artifact / "manifest.json").is_file():
             return True, 0.0, "reused"
-        # Its own Inductor cache: AOTInductor builds a graph in <cache>/<hash of the graph's code>/
-        # and packages from there after releasing its lock, so two exports of one graph at once (the
-        # slices' decode graphs are alike) can package a .so the other is rewriting.
+        # Its own Inductor cache, so that the exports compile in parallel: exports sharing one take
+        # turns (export.aoti.compile_lock; the slices' decode graphs are alike, and AOTInductor builds
+        # a graph in <cache>/<hash of its code>/).
         env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{name.replace(' ', '-')}")}
         for cmd in commands:
             rc, out = self.run(name, cmd, 480, env)

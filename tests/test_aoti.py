@@ -179,6 +179,31 @@ def test_full_disk_during_export(tiny_checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compiles_sharing_an_inductor_cache_take_turns(tmp_path, monkeypatch, caplog):
+    """export.aoti.compile_lock: a second compile in the same Inductor cache directory waits (and
+    says why) until the first has packaged its .pt2; it proceeds once the first lets go."""
+    import logging
+    import threading
+
+    from dbrx_aot.export.aoti import compile_lock
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    entered = threading.Event()
+
+    def second():
+        with compile_lock():
+            entered.set()
+
+    with caplog.at_level(logging.INFO, logger="dbrx_aot"):
+        with compile_lock():
+            thread = threading.Thread(target=second)
+            thread.start()
+            assert not entered.wait(0.5)  # held: the second compile waits
+        assert entered.wait(10)
+        thread.join()
+    assert f"waiting for another process's compile in {tmp_path}" in caplog.text
+
+
 def test_skip_weights_artifact_refuses_to_run(gpu_check_dry_run):
     # A compile-only export of a preset with no checkpoint (as for dbrx-132b; the GPU check's
     # slice: `export --preset small --layers 1 --skip-weights`): no weights to run.
