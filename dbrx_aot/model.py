@@ -186,16 +186,33 @@ class Attention(nn.Module):
     # (a copy of the cache per layer; its kernels accumulate the softmax in fp32 for half-precision
     # inputs). Set by ``use_sdpa`` (export's --attention; AOTInductor graphs).
     sdpa = False
+    # Cache extents (slot counts below S) the graph may attend over instead of all S slots: a branch
+    # per extent (torch.cond), taken when no row has cached past it (``within_extent``). Set by
+    # ``use_attention_extents`` (export: AOTInductor prefill graphs on CPU).
+    extents: tuple[int, ...] = ()
 
-    def forward(self, x, cos, sin, k_cache, v_cache, mask):
-        # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, T, S+T]
+    def forward(self, x, cos, sin, k_cache, v_cache, mask, reach=None):
+        # x [B, T, D]; cos, sin [B, 1, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, T, S+T];
+        # reach: 0-dim, the most cache slots any row attends to (each row's first position)
         c = self.config
-        B, T, _ = x.shape
-        H, K, hd = self.n_heads, self.kv_heads, c.head_dim
-        G, S = H // K, k_cache.shape[2]
         qkv = self.Wqkv(x)                                              # [B, T, H*hd + 2*K*hd]
         if c.clip_qkv is not None:
             qkv = qkv.clamp(min=-c.clip_qkv, max=c.clip_qkv)
+        q, k, v = self.heads(qkv, cos, sin)
+        if self.extents:
+            # The branches take qkv and make their own heads: AOTInductor (torch 2.13) hands a
+            # torch.cond branch wrong values for the RoPE'd or strided q, k, v (README, Notes).
+            def attend(qkv, cos, sin, k_cache, v_cache, mask):
+                return self.attend(*self.heads(qkv, cos, sin), k_cache, v_cache, mask)
+            out = within_extent(self.extents, reach, attend, qkv, cos, sin, k_cache, v_cache, mask)
+        else:
+            out = self.attend(q, k, v, k_cache, v_cache, mask)
+        return self.out_proj(out), k, v
+
+    def heads(self, qkv, cos, sin):
+        # qkv [B, T, H*hd + 2*K*hd]; cos, sin [B, 1, T, hd] -> q [B, H, T, hd], k, v [B, K, T, hd]
+        B, T, _ = qkv.shape
+        H, K, hd = self.n_heads, self.kv_heads, self.config.head_dim
         # Slices, not split(): ONNX's SplitToSequence has no bf16 kernel type (Slice has).
         q, k, v = qkv[..., :H * hd], qkv[..., H * hd:(H + K) * hd], qkv[..., (H + K) * hd:]
         q = q.view(B, T, H, hd).transpose(1, 2)                         # [B, H, T, hd]
@@ -203,11 +220,18 @@ class Attention(nn.Module):
         v = v.view(B, T, K, hd).transpose(1, 2)                         # [B, K, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def attend(self, q, k, v, k_cache, v_cache, mask):
+        # q [B, H, T, hd]; k, v [B, K, T, hd]; k_cache, v_cache [B, K, S, hd]; mask [B, 1, T, S+T]
+        # -> [B, T, H*hd]
+        B, H, T, hd = q.shape
+        K, S = k.shape[1], k_cache.shape[2]
+        G = H // K
         if self.sdpa:
             keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=2)  # [B, K, S+T, hd]
             out = F_.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, T, hd]
-            out = out.transpose(1, 2).reshape(B, T, H * hd)              # [B, T, H*hd]
-            return self.out_proj(out), k, v
+            return out.transpose(1, 2).reshape(B, T, H * hd)             # [B, T, H*hd]
         mask = mask.repeat(1, 1, G, 1)                                  # [B, 1, G*T, S+T]
         # Query head h uses kv head h // G: group the G query heads of a kv head as rows.
         qg = q.reshape(B, K, G * T, hd)                                 # [B, K, G*T, hd]
@@ -215,10 +239,31 @@ class Attention(nn.Module):
         scores = torch.cat((qg @ k_cache.transpose(2, 3),               # [B, K, G*T, S]
                             qg @ k.transpose(2, 3)), dim=-1) * scale    # [B, K, G*T, S+T]
         scores = scores.float().masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)               # [B, K, G*T, S+T]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)               # [B, K, G*T, S+T]
         out = probs[..., :S] @ v_cache + probs[..., S:] @ v             # [B, K, G*T, hd]
-        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
-        return self.out_proj(out), k, v
+        return out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
+
+
+def within_extent(extents, reach, attend, qkv, cos, sin, k_cache, v_cache, mask):
+    """``attend`` over the first E cache slots only, E the smallest of ``extents`` that holds every
+    slot a row may attend to (``reach`` <= E), all S slots when none does: nested torch.cond, one
+    static graph with a branch per extent, exact (the slots left out are masked anyway). A prompt's
+    first chunk (reach 0) attends over its own T keys, not S+T."""
+    S = k_cache.shape[2]
+
+    # (torch.cond wants each branch's output dense in memory: .contiguous())
+    def over(E):
+        def branch(qkv, cos, sin, k_cache, v_cache, mask):
+            return attend(qkv, cos, sin, k_cache[:, :, :E], v_cache[:, :, :E],
+                          torch.cat((mask[..., :E], mask[..., S:]), dim=-1)).contiguous()  # [B, 1, T, E+T]
+        return branch
+
+    def pick(i):
+        if i == len(extents):
+            return lambda *args: attend(*args).contiguous()
+        return lambda *args: torch.cond(reach <= extents[i], over(extents[i]), pick(i + 1), args)
+
+    return pick(0)(qkv, cos, sin, k_cache, v_cache, mask)
 
 
 class MoE(nn.Module):
@@ -355,8 +400,8 @@ class Block(nn.Module):
         self.norm_2 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False)
         self.ffn = MoE(config)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, mask, moe: MoeMode):
-        a, k, v = self.attn(self.norm_1(x), cos, sin, k_cache, v_cache, mask)
+    def forward(self, x, cos, sin, k_cache, v_cache, mask, moe: MoeMode, reach=None):
+        a, k, v = self.attn(self.norm_1(x), cos, sin, k_cache, v_cache, mask, reach)
         x = x + a
         x = x + self.ffn(self.norm_2(x), moe)
         return x, k, v
@@ -393,9 +438,10 @@ class DbrxModel(nn.Module):
         causal = index[None, :] <= index[:, None]                        # [T, T]
         mask = torch.cat((cached[:, None, :].expand(B, T, S),
                           causal[None].expand(B, T, T)), dim=-1)[:, None]        # [B, 1, T, S+T]
+        reach = positions[:, 0].max()                                    # [] cache slots any row reads
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe)
+            x, k, v = block(x, cos, sin, k_cache[i], v_cache[i], mask, moe, reach)
             new_k.append(k)
             new_v.append(v)
         if logit_index is not None:
@@ -409,6 +455,15 @@ def use_sdpa(module: nn.Module) -> nn.Module:
     for child in module.modules():
         if isinstance(child, Attention):
             child.sdpa = True
+    return module
+
+
+def use_attention_extents(module: nn.Module, extents: tuple[int, ...]) -> nn.Module:
+    """Every attention below ``module`` attends within the smallest fitting cache extent
+    (``within_extent``; ascending slot counts below S), in place."""
+    for child in module.modules():
+        if isinstance(child, Attention):
+            child.extents = tuple(extents)
     return module
 
 

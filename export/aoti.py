@@ -16,7 +16,7 @@ import torch
 import torch._inductor
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-from dbrx_aot.model import DbrxModel, use_rowdot, use_sdpa
+from dbrx_aot.model import DbrxModel, use_attention_extents, use_rowdot, use_sdpa
 from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
 
 INDUCTOR_CONFIGS = {
@@ -61,17 +61,20 @@ def resolve_linear(spec: GraphSpec, batch_size: int, device: torch.device, weigh
 
 
 def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path,
-                    attention: str = "math", linear: str = "mm") -> Path:
+                    attention: str = "math", linear: str = "mm", extents: tuple[int, ...] = ()) -> Path:
     """torch.export the in-place-cache graph and compile it into ``out`` (.pt2); ``attention``:
-    ``math`` or ``sdpa`` (trace.resolve_attention); ``linear``: ``mm`` or ``rowdot`` (resolve_linear)."""
+    ``math`` or ``sdpa`` (trace.resolve_attention); ``linear``: ``mm`` or ``rowdot`` (resolve_linear);
+    ``extents``: the cache extents its attention may stay within (trace.attention_extents)."""
     rowdot = linear == "rowdot"
-    if rowdot or attention == "sdpa":
+    if rowdot or attention == "sdpa" or extents:
         # A structural copy sharing the same parameters (no weight is copied).
         model = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
         if rowdot:
             use_rowdot(model)
         if attention == "sdpa":
             use_sdpa(model)
+        if extents:
+            use_attention_extents(model, extents)
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch_deprecations_hidden(), compile_lock():

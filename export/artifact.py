@@ -22,7 +22,8 @@ from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_store
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
-from dbrx_aot.export.trace import GRAPHS, GraphSpec, empty_model, io_description, resolve_attention, stage
+from dbrx_aot.export.trace import (GRAPHS, GraphSpec, attention_extents, empty_model, io_description,
+                                   resolve_attention, stage)
 from dbrx_aot.model import project_ops, resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
@@ -139,11 +140,13 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
                 for name in GRAPHS:
                     linear = resolve_linear(specs[name], batch_size, dev, weights_format)
+                    extents = attention_extents(specs[name], dev, max_seq_len)
                     with stage(f"aoti {name}: export + compile", timings, bar):
                         compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2",
-                                        attention_modes[name], linear)
+                                        attention_modes[name], linear, extents)
                     graphs[name]["aoti"] = f"aoti/{name}.pt2"
                     graphs[name]["aoti_attention"] = attention_modes[name]
+                    graphs[name]["aoti_attention_extents"] = list(extents)
                     graphs[name]["aoti_linear"] = linear
                     graphs[name]["aoti_ops"] = project_ops(specs[name].moe, torch_dtype)
         if "onnx" in formats:

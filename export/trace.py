@@ -80,6 +80,24 @@ def resolve_attention(attention: str, spec: GraphSpec, device: torch.device) -> 
     return attention
 
 
+EXTENT_STEP = 4  # each cache extent of a prefill graph is this many times the one below it
+
+
+def attention_extents(spec: GraphSpec, device: torch.device, max_seq_len: int) -> tuple[int, ...]:
+    """The cache extents an AOTInductor prefill graph on CPU attends within (model.within_extent):
+    0 (a prompt's first chunk reads no cache slot, only its own keys), then P, 4P, 16P, ... below S;
+    a chunk whose rows have cached more attends over all S. Decode reads all S (one branch a step
+    would cost more than it saves on this cache's size), and CUDA is not measured yet (the branch
+    reads its predicate on the host): both none."""
+    if device.type != "cpu" or spec.name != "prefill":
+        return ()
+    extents, E = [0], spec.tokens
+    while E < max_seq_len:
+        extents.append(E)
+        E *= EXTENT_STEP
+    return tuple(extents)
+
+
 def example_inputs(config: DbrxConfig, spec: GraphSpec, batch_size: int, max_seq_len: int,
                    dtype: torch.dtype, device: torch.device, tp: int = 1) -> tuple[torch.Tensor, ...]:
     shape = cache_shape(config, batch_size, max_seq_len, tp)

@@ -62,6 +62,8 @@ def test_attention_form_per_graph(artifacts, tiny_checkpoint, tmp_path):
 
     graphs = json.loads((artifacts["auto"] / "manifest.json").read_text())["graphs"]
     assert (graphs["prefill"]["aoti_attention"], graphs["decode"]["aoti_attention"]) == ("sdpa", "math")
+    # The CPU prefill graph attends within cache extents 0, P, 4P below S (S=64, P=8); decode over all S.
+    assert (graphs["prefill"]["aoti_attention_extents"], graphs["decode"]["aoti_attention_extents"]) == ([0, 8, 32], [])
     with pytest.raises(DbrxAotError, match="--attention flash: expected one of auto, math, sdpa"):
         export_artifact(tiny_checkpoint, tmp_path / "x", attention="flash", progress=False)
 

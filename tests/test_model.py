@@ -148,6 +148,29 @@ def test_grouped_moe_equals_dense(form, router):
     torch.testing.assert_close(moe(x, "gather"), dense, atol=atol, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_attention_within_cache_extents_equals_all_slots(path, attention):
+    """use_attention_extents (model.within_extent, torch.cond): a chunk attends over the smallest
+    extent that holds every cached slot of its rows, giving the logits and keys of attending over
+    all S slots; rows whose first positions fall under each extent, between them, and past the last."""
+    from dbrx_aot.model import cache_shape, use_attention_extents, use_sdpa
+
+    model = load(path).model
+    if attention == "sdpa":
+        model = use_sdpa(copy.deepcopy(model))
+    within = use_attention_extents(copy.deepcopy(model), (0, 8, 32))
+    config, (B, T, S) = model.config, (2, 8, 64)
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(cache_shape(config, B, S), generator=g) for _ in range(2))
+    tokens = torch.randint(0, 256, (B, T), generator=g)
+    for firsts in [(0, 0), (8, 0), (5, 8), (20, 31), (32, 1), (40, 56)]:
+        positions = torch.stack([torch.arange(f, f + T) for f in firsts])
+        with torch.no_grad():
+            want, got = (m(tokens, positions, k_cache, v_cache, "dense") for m in (model, within))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=f"first positions {firsts}")
+
+
 @pytest.mark.parametrize("moe", ["dense", "gather"])
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
 def test_torch_export_in_every_moe_mode(path, moe, graph):
