@@ -140,7 +140,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
                 for name in GRAPHS:
                     linear = resolve_linear(specs[name], batch_size, dev, weights_format)
-                    extents = attention_extents(specs[name], dev, max_seq_len)
+                    extents = attention_extents(specs[name], dev, max_seq_len, torch_dtype)
                     with stage(f"aoti {name}: export + compile", timings, bar):
                         compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2",
                                         attention_modes[name], linear, extents)
