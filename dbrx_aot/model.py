@@ -188,7 +188,7 @@ class Attention(nn.Module):
     sdpa = False
     # Cache extents (slot counts below S) the graph may attend over instead of all S slots: a branch
     # per extent (torch.cond), taken when no row has cached past it (``within_extent``). Set by
-    # ``use_attention_extents`` (export: AOTInductor prefill graphs on CPU).
+    # ``use_attention_extents`` (export: AOTInductor fp32 prefill graphs on CPU, trace.attention_extents).
     extents: tuple[int, ...] = ()
 
     def forward(self, x, cos, sin, k_cache, v_cache, mask, reach=None):
@@ -254,8 +254,8 @@ def within_extent(extents, reach, attend, qkv, cos, sin, k_cache, v_cache, mask)
     # (torch.cond wants each branch's output dense in memory: .contiguous())
     def over(E):
         def branch(qkv, cos, sin, k_cache, v_cache, mask):
-            return attend(qkv, cos, sin, k_cache[:, :, :E], v_cache[:, :, :E],
-                          torch.cat((mask[..., :E], mask[..., S:]), dim=-1)).contiguous()  # [B, 1, T, E+T]
+            mask = torch.cat((mask[..., :E], mask[..., S:]), dim=-1)    # [B, 1, T, E+T]
+            return attend(qkv, cos, sin, k_cache[:, :, :E], v_cache[:, :, :E], mask).contiguous()
         return branch
 
     def pick(i):
