@@ -20,6 +20,10 @@ from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
 
 
+# Positions a half-precision bar sets aside as near-ties of the reference (``Tolerance``).
+NEAR_TIES = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
     """What a runtime must meet against its reference.
@@ -31,10 +35,12 @@ class Tolerance:
     Half precision (``kl_factor`` set): a half-precision artifact and a half-precision eager model
     differ by rounding in a different order, and neither is the truth. Both are measured against
     the fp32 eager model on the same (rounded) weights, and the runtime must be at least about as
-    close to it as half-precision eager is (the baseline): mean KL <= kl_factor x the baseline's
-    KL + max_kl, and top-1 >= the baseline's top-1 - top1_margin, a margin of never fewer than
-    ``top1_min_positions`` of the result's positions: one near-tie of the reference flips either way,
-    and at a few decode steps (``verify --steps 8``: ~90 positions) 2% is under two positions.
+    close to it as half-precision eager is (the baseline): typical KL (``typical_kl``) <= kl_factor
+    x the baseline's + max_kl, and top-1 >= the baseline's top-1 - top1_margin, a margin of never
+    fewer than ``NEAR_TIES`` of the result's positions. Both set aside NEAR_TIES positions because
+    a rounding flip at one near-tie of the reference lands either way: it costs a top-1 position,
+    and at a peaked logit a KL of ~5e-3 at that one position, more than the ~90 others of ``verify
+    --steps 8`` together (measured on the tiny bf16 artifact: one such position doubled its mean).
     max |logit error| is reported, not judged (one rounding flip on a peaked logit says little).
     """
 
@@ -43,7 +49,6 @@ class Tolerance:
     max_kl: float
     kl_factor: float | None = None
     top1_margin: float = 0.0
-    top1_min_positions: int = 2
 
     @property
     def relative(self) -> bool:
@@ -53,16 +58,16 @@ class Tolerance:
         if self.relative:
             assert baseline is not None
             positions = result.get("positions")
-            margin = max(self.top1_margin, self.top1_min_positions / positions) if positions else self.top1_margin
-            return (result["mean_kl"] <= self.kl_factor * baseline["mean_kl"] + self.max_kl
+            margin = max(self.top1_margin, NEAR_TIES / positions) if positions else self.top1_margin
+            return (result["typical_kl"] <= self.kl_factor * baseline["typical_kl"] + self.max_kl
                     and result["top1_agreement"] >= baseline["top1_agreement"] - margin - 1e-9)  # k/n rounding
         return ((self.max_abs is None or result["max_abs_error"] <= self.max_abs)
                 and result["top1_agreement"] >= self.min_top1 and result["mean_kl"] <= self.max_kl)
 
     def describe(self, dtype: str) -> str:
         if self.relative:
-            return (f"KL <= {self.kl_factor:g}x eager {dtype}'s + {self.max_kl:g}, "
-                    f"top-1 >= eager {dtype}'s - {self.top1_margin:.0%} (at least {self.top1_min_positions} positions)")
+            return (f"typical KL <= {self.kl_factor:g}x eager {dtype}'s + {self.max_kl:g}, "
+                    f"top-1 >= eager {dtype}'s - {self.top1_margin:.0%} (at least {NEAR_TIES} positions)")
         if self.max_abs is None:
             return f"KL <= {self.max_kl:g}, top-1 >= {self.min_top1:.0%}"
         return f"max {self.max_abs:g}"
@@ -121,6 +126,7 @@ class RuntimeReport:
     mean_abs_error: float
     top1_agreement: float
     mean_kl: float
+    typical_kl: float             # mean KL without the NEAR_TIES largest positions (half-precision bar)
     greedy_steps: int
     greedy_first_difference: int | None  # None: identical over greedy_steps
     tolerance: Tolerance
@@ -180,9 +186,10 @@ def compare(runtime: Runtime, eager: Runtime, prompts: list[list[int]], steps: i
             d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
             if d is not None and (first_difference is None or d < first_difference):
                 first_difference = d
-    err = torch.cat(errors)
+    err, kl = torch.cat(errors), torch.cat(kls)
+    typical = kl.sort().values[: max(1, n - NEAR_TIES)]
     return {"positions": n, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
-            "top1_agreement": tops / n, "mean_kl": float(torch.cat(kls).mean()),
+            "top1_agreement": tops / n, "mean_kl": float(kl.mean()), "typical_kl": float(typical.mean()),
             "greedy_first_difference": first_difference}
 
 
@@ -267,13 +274,14 @@ def format_table(result: Verification) -> str:
     if result.baseline is not None:
         b = result.baseline
         lines.append(f"{result.dtype} artifact: every runtime against eager float32 on the same weights; "
-                     f"eager {result.dtype} itself: top-1 {b['top1_agreement']:.1%}, mean KL {b['mean_kl']:.1e}, "
+                     f"eager {result.dtype} itself: top-1 {b['top1_agreement']:.1%}, mean KL {b['mean_kl']:.1e} "
+                     f"(typical {b['typical_kl']:.1e}), "
                      f"max|Δlogit| {b['max_abs_error']:.2e}")
-    header = f"{'runtime':<13} {'max|Δlogit|':>11} {'mean|Δ|':>9} {'top-1':>7} {'mean KL':>9}  {'greedy':<22} verdict"
+    header = f"{'runtime':<13} {'max|Δlogit|':>11} {'mean|Δ|':>9} {'top-1':>7} {'mean KL':>9} {'typical':>9}  {'greedy':<22} verdict"
     lines += [header, "-" * len(header)]
     for r in result.reports:
         lines.append(f"{r.runtime:<13} {r.max_abs_error:>11.2e} {r.mean_abs_error:>9.2e} {r.top1_agreement:>7.1%} "
-                     f"{r.mean_kl:>9.1e}  {r.greedy_text():<22} "
+                     f"{r.mean_kl:>9.1e} {r.typical_kl:>9.1e}  {r.greedy_text():<22} "
                      f"{'ok' if r.within_tolerance else 'OUTSIDE TOLERANCE'} ({r.tolerance.describe(result.dtype)})")
     for name, why in result.skipped.items():
         lines.append(f"{name:<13} skipped: {why}")
