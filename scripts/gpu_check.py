@@ -107,7 +107,7 @@ class Check:
         self.python = sys.executable
         self.device = args.device
         self.plan = PLANS[args.device]
-        self.out, self.work = Path(args.out), Path(args.work)
+        self.out, self.work = Path(args.out).resolve(), Path(args.work).resolve()  # absolute: torch 2.11 compiles in another cwd
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = (self.out / "log.txt").open("w")
