@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F_
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from dbrx_aot.config import NORM_EPS, DbrxConfig
 from dbrx_aot.errors import DbrxAotError
@@ -100,16 +101,23 @@ def _grouped_mm_shape(a, b, ends):
     return a.new_empty(a.shape[0], b.shape[-1])                     # [A, Y]
 
 
-def project_ops(moe: MoeMode, dtype: torch.dtype) -> list[str]:
-    """The dbrx_aot ops a compiled graph of this MoE form and dtype calls (the manifest's
+# AOTInductor's CPU shim for aten._grouped_mm came with torch 2.12 (torchgen/aoti/fallback_ops.py;
+# CUDA's is older): a CPU package compiled by torch 2.11 cannot call it ("aoti_torch_cpu__grouped_mm
+# was not declared"), so there bf16 goes through the project op as the other dtypes do.
+ATEN_GROUPED_MM_ON_CPU = TorchVersion(torch.__version__) >= (2, 12)
+
+
+def project_ops(moe: MoeMode, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """The dbrx_aot ops a compiled graph of this MoE form, dtype and device calls (the manifest's
     ``aoti_ops``): a process loading its package must have imported dbrx_aot."""
-    return ["dbrx_aot::grouped_mm"] if moe == "grouped" and dtype != torch.bfloat16 else []
+    aten = dtype == torch.bfloat16 and (device.type != "cpu" or ATEN_GROUPED_MM_ON_CPU)
+    return ["dbrx_aot::grouped_mm"] if moe == "grouped" and not aten else []
 
 
 def group_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` sorted by group times each group's matrix of ``b``: aten's op where its export
-    admits the dtype (bf16, compiled into the package), the project op otherwise."""
-    if project_ops("grouped", a.dtype):
+    admits the dtype (bf16) and AOTInductor can call it on the device, the project op otherwise."""
+    if project_ops("grouped", a.dtype, a.device):
         return grouped_mm(a, b, ends)
     return torch._grouped_mm(a, b, offs=ends)
 
