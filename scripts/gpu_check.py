@@ -11,7 +11,8 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                build/wheels first (``make gpu-wheels``); skipped when already installed from here
   imports      what is missing, in one line
   exports      started in the background so that they compile while the tests run: the small
-               preset's artifact (checkpoint + export), and compile-only real-width slices
+               preset's artifact (checkpoint + export), and compile-only real-width slices (on
+               CUDA as many at once as their weights fit in the GPU's memory)
   tests        pytest -m gpu (outcomes read from its JUnit XML)
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off
   slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -36,6 +38,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -121,6 +124,7 @@ class Check:
         self.stages_chosen = set(args.stages.split(","))
         self.reuse_exports = args.reuse_exports
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
+        self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
 
@@ -256,6 +260,21 @@ class Check:
                     "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
         return jobs
 
+    def slice_exports_at_once(self) -> int:
+        """How many slice exports may compile at once. On CUDA each holds its slice's weights on the
+        GPU while it compiles (``to_empty`` allocates there for real: 15.5 GB for 2 layers of the
+        released model in bf16), so as many as fit in 80% of the GPU's memory; on CPU all of them
+        (the empty weights' pages are never touched)."""
+        runs = len(slice_runs(self.plan))
+        memory_gb = self.environment.get("device_memory_gb")
+        if self.device != "cuda" or not memory_gb:
+            return runs
+        from dbrx_aot.config import PRESETS
+
+        config = dataclasses.replace(PRESETS[self.plan.slice_preset], n_layers=self.plan.slice_layers)
+        weight_bytes = config.param_count() * 2  # the plan's dtype, bfloat16
+        return max(1, min(runs, int(0.8 * memory_gb * 1e9 // weight_bytes)))
+
     def run_job(self, name: str, artifact: Path, commands: list[list[str]]) -> tuple[bool, float, str]:
         t = time.monotonic()
         if self.reuse_exports and (artifact / "manifest.json").is_file():
@@ -264,10 +283,11 @@ class Check:
         # turns (export.aoti.compile_lock; the slices' decode graphs are alike, and AOTInductor builds
         # a graph in <cache>/<hash of its code>/).
         env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{name.replace(' ', '-')}")}
-        for cmd in commands:
-            rc, out = self.run(name, cmd, 480, env)
-            if rc:
-                return False, time.monotonic() - t, f"exit {rc}: {last_line(out)}"
+        with self.slice_slots if name.startswith("slice ") else contextlib.nullcontext():
+            for cmd in commands:
+                rc, out = self.run(name, cmd, 480, env)
+                if rc:
+                    return False, time.monotonic() - t, f"exit {rc}: {last_line(out)}"
         return True, time.monotonic() - t, "ok"
 
     def exports_stage(self, futures: dict) -> str:
@@ -368,6 +388,10 @@ class Check:
         self.stage("install", self.install_stage)
         self.stage("imports", self.imports_stage)
         jobs = self.export_jobs()
+        at_once = self.slice_exports_at_once()
+        self.slice_slots = threading.BoundedSemaphore(at_once)
+        if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
+            self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
         with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:

@@ -172,3 +172,19 @@ def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
                                                                               "batch1-sdpa", "batch1-grouped"}
     md = gpu_check.format_summary(check.summary())
     assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md
+
+
+def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
+    """On CUDA a slice export holds its weights on the GPU while it compiles (15.5 GB for 2 layers of
+    the released model in bf16): as many at once as fit in 80% of the GPU's memory."""
+    check = make_check(tmp_path, "cuda")
+    runs = len(gpu_check.slice_runs(check.plan))
+    assert check.slice_exports_at_once() == runs  # no device read yet: all at once
+    check.environment["device_memory_gb"] = 85.0   # H100 80 GB: 68 GB for 15.5 GB exports
+    assert check.slice_exports_at_once() == 4 < runs
+    check.environment["device_memory_gb"] = 150.8  # H200
+    assert check.slice_exports_at_once() == runs
+    check.environment["device_memory_gb"] = 8.0
+    assert check.slice_exports_at_once() == 1
+    cpu = make_check(tmp_path, "cpu")
+    assert cpu.slice_exports_at_once() == len(gpu_check.slice_runs(cpu.plan))
