@@ -144,14 +144,20 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return x
 
 
+# torch 2.12 renamed the tensor all-gathers *_single and deprecated the old names (they warn): the
+# new names where they exist, the old ones before (torch 2.11, the GPU machine's, has only those).
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_all_gather_functional = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def all_gather_last(x: torch.Tensor, group: str) -> torch.Tensor:
     """[..., V/N] on each rank -> [..., V], rank order along the last dimension."""
     x = x.contiguous()
     if torch.compiler.is_compiling():
-        return funcol.all_gather_single(x, x.dim() - 1, group)                # [B, ..., V]
+        return _all_gather_functional(x, x.dim() - 1, group)                  # [B, ..., V]
     pg = _resolve_process_group(group)
     gathered = x.new_empty((dist.get_world_size(pg) * x.shape[0], *x.shape[1:]))  # [N*B, ..., V/N]
-    dist.all_gather_single(gathered, x, group=pg)
+    _all_gather_into(gathered, x, group=pg)
     return torch.cat(gathered.chunk(dist.get_world_size(pg)), dim=-1)           # [B, ..., V]
 
 
