@@ -30,7 +30,7 @@ from dbrx_aot.config import DbrxConfig
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.devices import resolve_device
 from dbrx_aot.runtimes import Runtime, load_runtime, prefill_chunks
-from dbrx_aot.tp import init_from_env, python_group, world
+from dbrx_aot.tp import all_gather_into, init_from_env, python_group, world
 
 
 def sync(device: torch.device) -> None:
@@ -221,7 +221,7 @@ def collective_ms(path: Path, device: torch.device, repeats: int = 20) -> float:
         start = time.perf_counter()
         for _ in range(2 * c.n_layers):
             dist.all_reduce(x, group=group)
-        dist.all_gather_single(gathered, part, group=group)
+        all_gather_into(gathered, part, group=group)
         sync(device)
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times[1:])

@@ -146,7 +146,7 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 
 # torch 2.12 renamed the tensor all-gathers *_single and deprecated the old names (they warn): the
 # new names where they exist, the old ones before (torch 2.11, the GPU machine's, has only those).
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _all_gather_functional = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
@@ -157,7 +157,7 @@ def all_gather_last(x: torch.Tensor, group: str) -> torch.Tensor:
         return _all_gather_functional(x, x.dim() - 1, group)                  # [B, ..., V]
     pg = _resolve_process_group(group)
     gathered = x.new_empty((dist.get_world_size(pg) * x.shape[0], *x.shape[1:]))  # [N*B, ..., V/N]
-    _all_gather_into(gathered, x, group=pg)
+    all_gather_into(gathered, x, group=pg)
     return torch.cat(gathered.chunk(dist.get_world_size(pg)), dim=-1)           # [B, ..., V]
 
 
