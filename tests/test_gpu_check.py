@@ -4,6 +4,7 @@ the rare sessions that have a GPU, and the pieces that decide what its summary s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from conftest import load_script
+from dbrx_aot.config import PRESETS
 
 gpu_check = load_script("gpu_check")
 
@@ -188,3 +190,6 @@ def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
     assert check.slice_exports_at_once() == 1
     cpu = make_check(tmp_path, "cpu")
     assert cpu.slice_exports_at_once() == len(gpu_check.slice_runs(cpu.plan))
+    for plan in gpu_check.PLANS.values():  # the plans' weight sizes are the presets' (bf16)
+        config = dataclasses.replace(PRESETS[plan.slice_preset], n_layers=plan.slice_layers)
+        assert plan.dtype == "bfloat16" and plan.slice_weight_gb == pytest.approx(config.param_count() * 2 / 1e9, rel=1e-3)
