@@ -111,7 +111,8 @@ class Check:
         self.python = sys.executable
         self.device = args.device
         self.plan = PLANS[args.device]
-        self.out, self.work = Path(args.out).resolve(), Path(args.work).resolve()  # absolute: torch 2.11 compiles in another cwd
+        # Absolute: AOTInductor 2.11 compiles in another directory (a relative Inductor cache broke it).
+        self.out, self.work = Path(args.out).resolve(), Path(args.work).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = (self.out / "log.txt").open("w")
