@@ -4,6 +4,8 @@ On a shared machine a figure moves with whatever else runs; runs of ``dbrx-aot b
 apart compare the neighbours as much as the graphs. This loads every artifact's aoti runtime
 (``--runtime onnxruntime``: its ONNX graphs) in one process and times them in alternating rounds,
 so each round of each artifact sees the same machine; it reports the median and best round.
+``--runtime`` repeated (``--runtime aoti --runtime onnxruntime``) puts each artifact's graphs on
+every named runtime into the same rounds.
 
     python scripts/ab_bench.py build/before build/after --prompt-len 128 --new-tokens 64 --rounds 8
 
@@ -48,15 +50,17 @@ def transformers_round(checkpoint: Path, dtype: str, prompt_len: int, new_tokens
 
 
 def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transformers: Path | None = None,
-       transformers_dtype: str = "float32", runtime: str = "aoti") -> dict:
+       transformers_dtype: str = "float32", runtimes: tuple[str, ...] = ("aoti",)) -> dict:
     if prompt_len < 1 or new_tokens < 1:
         raise dbrx_aot.DbrxAotError(f"--prompt-len {prompt_len}, --new-tokens {new_tokens}: expected at least 1 each")
-    runtimes = {str(p): dbrx_aot.load_runtime(p, runtime, progress=False, verify_checksums=False) for p in paths}
-    for name, rt in runtimes.items():
+    loaded = {f"{p} {r}" if len(runtimes) > 1 else str(p): dbrx_aot.load_runtime(p, r, progress=False,
+                                                                                 verify_checksums=False)
+              for p in paths for r in runtimes}
+    for name, rt in loaded.items():
         if rt.batch_size != 1 or prompt_len + new_tokens > rt.max_seq_len:
             raise dbrx_aot.DbrxAotError(f"{name}: batch {rt.batch_size}, {rt.max_seq_len} cache slots; expected "
                                         f"batch 1 and at least {prompt_len + new_tokens} slots")
-    contenders = {name: partial(bench_runtime, rt, prompt_len, new_tokens, repeats=1) for name, rt in runtimes.items()}
+    contenders = {name: partial(bench_runtime, rt, prompt_len, new_tokens, repeats=1) for name, rt in loaded.items()}
     if transformers is not None:
         name, one_round = transformers_round(transformers, transformers_dtype, prompt_len, new_tokens)
         contenders[name] = one_round
@@ -68,7 +72,7 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transfo
     for name, rs in runs.items():
         result[name] = {key: {"median": statistics.median(r[key] for r in rs), "best": max(r[key] for r in rs)}
                         for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-    return {"runtime": runtime, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
+    return {"runtimes": list(runtimes), "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "threads": torch.get_num_threads(), "artifacts": result}
 
 
@@ -78,8 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--runtime", choices=["aoti", "onnxruntime"], default="aoti",
-                        help="the runtime every artifact runs on")
+    parser.add_argument("--runtime", choices=["aoti", "onnxruntime"], action="append",
+                        help="the runtime every artifact runs on (default aoti); repeat for several")
     parser.add_argument("--transformers", type=Path, metavar="CHECKPOINT",
                         help="also time transformers' DbrxForCausalLM on this checkpoint, in the same rounds")
     parser.add_argument("--transformers-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -87,19 +91,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = ab(args.artifacts, args.prompt_len, args.new_tokens, args.rounds, args.transformers,
-                    args.transformers_dtype, args.runtime)
+                    args.transformers_dtype, tuple(args.runtime or ["aoti"]))
     except dbrx_aot.DbrxAotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.rounds} alternating rounds on {args.runtime}: {args.prompt_len}-token prompt, "
+    print(f"{args.rounds} alternating rounds on {', '.join(result['runtimes'])}: {args.prompt_len}-token prompt, "
           f"{args.new_tokens} greedy steps, {result['threads']} threads (median, best)")
+    peer = next((r for name, r in result["artifacts"].items() if name.startswith("transformers ")), None)
     for name, r in result["artifacts"].items():
         p, d = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
+        vs = "" if peer is None or r is peer else (
+            f"; medians {p['median'] / peer['prefill_tokens_per_s']['median']:.2f}x and "
+            f"{d['median'] / peer['decode_tokens_per_s']['median']:.2f}x transformers'")
         print(f"{name}: prefill {p['median']:.0f} ({p['best']:.0f}) tok/s, decode {d['median']:.1f} "
-              f"({d['best']:.1f}) tok/s")
+              f"({d['best']:.1f}) tok/s{vs}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 
 import pytest
@@ -520,11 +521,16 @@ def test_ab_bench_alternates_artifacts_in_one_process(artifacts, tiny_checkpoint
     for r in results.values():
         assert r["prefill_tokens_per_s"]["best"] >= r["prefill_tokens_per_s"]["median"] > 0
         assert r["decode_tokens_per_s"]["median"] > 0
+    assert ab_bench.main([str(artifacts["gather"]), "--prompt-len", "11", "--new-tokens", "3", "--rounds", "1",
+                          "--transformers", str(tiny_checkpoint)]) == 0
+    assert re.search(r"decode [\d.]+ \([\d.]+\) tok/s; medians [\d.]+x and [\d.]+x transformers'\n",
+                     capsys.readouterr().out)
     assert ab_bench.main([str(artifacts["gather"]), str(artifacts["dense"]), "--prompt-len", "8", "--new-tokens", "2"]) == 2
     assert "dense: batch 2, 64 cache slots; expected batch 1" in capsys.readouterr().err
-    # --runtime onnxruntime: the same artifact's ONNX graphs, in the same rounds.
-    assert ab_bench.main([str(artifacts["gather"]), "--runtime", "onnxruntime", "--prompt-len", "5",
-                          "--new-tokens", "2", "--rounds", "1", "--json"]) == 0
+    # --runtime twice: the same artifact's AOTInductor packages and ONNX graphs, in the same rounds.
+    assert ab_bench.main([str(artifacts["gather"]), "--runtime", "aoti", "--runtime", "onnxruntime",
+                          "--prompt-len", "5", "--new-tokens", "2", "--rounds", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["runtime"] == "onnxruntime"
-    assert report["artifacts"][str(artifacts["gather"])]["decode_tokens_per_s"]["median"] > 0
+    assert report["runtimes"] == ["aoti", "onnxruntime"]
+    assert list(report["artifacts"]) == [f"{artifacts['gather']} aoti", f"{artifacts['gather']} onnxruntime"]
+    assert all(r["decode_tokens_per_s"]["median"] > 0 for r in report["artifacts"].values())
