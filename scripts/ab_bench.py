@@ -53,9 +53,11 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transfo
        transformers_dtype: str = "float32", runtimes: tuple[str, ...] = ("aoti",)) -> dict:
     if prompt_len < 1 or new_tokens < 1:
         raise dbrx_aot.DbrxAotError(f"--prompt-len {prompt_len}, --new-tokens {new_tokens}: expected at least 1 each")
-    loaded = {f"{p} {r}" if len(runtimes) > 1 else str(p): dbrx_aot.load_runtime(p, r, progress=False,
-                                                                                 verify_checksums=False)
-              for p in paths for r in runtimes}
+    loaded = {}
+    for path in paths:
+        for runtime in runtimes:
+            name = f"{path} {runtime}" if len(runtimes) > 1 else str(path)
+            loaded[name] = dbrx_aot.load_runtime(path, runtime, progress=False, verify_checksums=False)
     for name, rt in loaded.items():
         if rt.batch_size != 1 or prompt_len + new_tokens > rt.max_seq_len:
             raise dbrx_aot.DbrxAotError(f"{name}: batch {rt.batch_size}, {rt.max_seq_len} cache slots; expected "
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = ab(args.artifacts, args.prompt_len, args.new_tokens, args.rounds, args.transformers,
-                    args.transformers_dtype, tuple(args.runtime or ["aoti"]))
+                    args.transformers_dtype, tuple(dict.fromkeys(args.runtime or ["aoti"])))
     except dbrx_aot.DbrxAotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
