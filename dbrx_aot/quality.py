@@ -81,14 +81,16 @@ def measure(runtimes: dict[str, Runtime], reference: Runtime, windows: list[list
             for b, row in enumerate(group):
                 nxt = row[start + 1:start + P + 1]
                 target[b, :len(nxt)] = torch.tensor(nxt, dtype=torch.int64)
-            valid = target >= 0
-            if not valid.any():
+            R = int((target >= 0).sum(1).max())  # each row's targets come first: positions past R have none
+            if R == 0:
                 continue
-            ref_logp = torch.log_softmax(reference.prefill(tokens, positions, ref_cache).double().cpu(), -1)[valid]
+            target, index = target[:, :R], torch.arange(R).expand(B, R)
+            valid = target >= 0
+            ref_logp = torch.log_softmax(reference.prefill(tokens, positions, ref_cache, index).double().cpu(), -1)[valid]
             gold = target[valid]
             _accumulate(stats["reference"], ref_logp, gold, ref_logp)
             for name, rt in runtimes.items():
-                logp = torch.log_softmax(rt.prefill(tokens, positions, caches[name]).double().cpu(), -1)[valid]
+                logp = torch.log_softmax(rt.prefill(tokens, positions, caches[name], index).double().cpu(), -1)[valid]
                 _accumulate(stats[name], logp, gold, ref_logp)
             bar.update(int(valid.sum()))
     bar.close()

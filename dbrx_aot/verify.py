@@ -203,8 +203,9 @@ def teacher_forced(runtime: Runtime, eager: Runtime, rows: list[list[int]], step
     c_rt, c_eager = runtime.new_cache(), eager.new_cache()
     last = [None] * B
     for start, tokens, positions in prefill_chunks(rows, P, S):
-        got, expected = runtime.prefill(tokens, positions, c_rt), eager.prefill(tokens, positions, c_eager)
-        for i in range(P):
+        index = torch.arange(min(P, max(lengths) - start)).expand(B, -1)  # [B, R]: past R, padding in every row
+        got, expected = runtime.prefill(tokens, positions, c_rt, index), eager.prefill(tokens, positions, c_eager, index)
+        for i in range(index.shape[1]):
             valid = torch.tensor([start + i < n for n in lengths])
             yield got[:, i], expected[:, i], valid.to(got.device)
         for b, n in enumerate(lengths):

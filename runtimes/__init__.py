@@ -78,8 +78,8 @@ class Runtime(Protocol):
                 logit_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions [B, P] -> logits; writes the P positions into ``cache``. With
         ``logit_index`` [B] (the chunk position each row samples from): [B, 1, V], what generation
-        needs; without: every position's, [B, P, V] (verification: a compiled runtime runs the
-        chunk once per position)."""
+        needs; [B, R] (R positions a row): [B, R, V]; without: every position's, [B, P, V]
+        (verification: a compiled runtime runs the chunk once per column of the index)."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions [B, 1] -> logits [B, 1, V]; writes the position into ``cache``."""
@@ -130,22 +130,26 @@ class RuntimeBase:
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 logit_index: torch.Tensor | None = None) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
-        if logit_index is None:
-            return self.prefill_every_position(tokens, positions, cache)
-        index = torch.as_tensor(logit_index).to(self.device, torch.int64).contiguous()
-        if tuple(index.shape) != (self.batch_size,) or not bool(((index >= 0) & (index < self.prefill_chunk)).all()):
-            raise DbrxAotError(f"{self.name} runtime: logit_index {index.tolist()}, expected {self.batch_size} chunk "
-                               f"positions in [0, {self.prefill_chunk})")
-        return self.run_checked("prefill", tokens, positions, cache, index)
-
-    def prefill_every_position(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """[B, P, V]: the compiled prefill graphs return one position per row, so the chunk runs once per
-        position (each run writes the same keys and values into the cache): P times the work, for
-        verification only. The eager runtime computes them in one call."""
         B, P = tokens.shape
-        return torch.cat([self.run_checked("prefill", tokens, positions, cache,
-                                           torch.full((B,), i, dtype=torch.int64, device=self.device))
-                          for i in range(P)], dim=1)
+        if logit_index is None:
+            return self.prefill_at(tokens, positions, cache, torch.arange(P, device=self.device).expand(B, P))
+        index = torch.as_tensor(logit_index).to(self.device, torch.int64).contiguous()
+        if (index.dim() not in (1, 2) or tuple(index.shape[:1]) != (B,) or index.numel() == 0
+                or not bool(((index >= 0) & (index < P)).all())):
+            raise DbrxAotError(f"{self.name} runtime: logit_index {index.tolist()}, expected [{B}] or [{B}, R] chunk "
+                               f"positions in [0, {P})")
+        if index.dim() == 1:
+            return self.run_checked("prefill", tokens, positions, cache, index)
+        return self.prefill_at(tokens, positions, cache, index)
+
+    def prefill_at(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        """[B, R, V] at the chunk positions ``index`` [B, R]: the compiled prefill graphs return one
+        position per row, so the chunk runs once per column (each run writes the same keys and values
+        into the cache): R times the work, for verification only; callers ask for the positions they
+        compare, not the padding after them. The eager runtime computes them all in one call."""
+        return torch.cat([self.run_checked("prefill", tokens, positions, cache, index[:, r].contiguous())
+                          for r in range(index.shape[1])], dim=1)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         tokens, positions = self.check_call(tokens, positions, cache, 1)
@@ -177,9 +181,9 @@ class RuntimeBase:
             raise DbrxAotError(f"{self.name} runtime: input_ids {list(input_ids.shape)}, expected "
                                f"[{self.batch_size}, <= {self.max_seq_len}]")
         cache = self.new_cache()
-        out = [self.prefill(tokens, positions, cache)
-               for _, tokens, positions in prefill_chunks(input_ids.tolist(), self.prefill_chunk, self.max_seq_len)]
-        return torch.cat(out, dim=1)[:, :T]
+        out = [self.prefill(tokens, positions, cache, torch.arange(min(self.prefill_chunk, T - start)).expand(B, -1))
+               for start, tokens, positions in prefill_chunks(input_ids.tolist(), self.prefill_chunk, self.max_seq_len)]
+        return torch.cat(out, dim=1)
 
 
 def runtime_names() -> list[str]:

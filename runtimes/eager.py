@@ -90,5 +90,7 @@ class EagerRuntime(RuntimeBase):
             return self._prefill(tokens, positions, cache.k, cache.v, logit_index)
         return self._decode(tokens, positions, cache.k, cache.v)
 
-    def prefill_every_position(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.run_checked("prefill", tokens, positions, cache)  # the module computes them all in one call
+    def prefill_at(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        logits = self.run_checked("prefill", tokens, positions, cache)  # [B, P, V]: the module's one call
+        return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, R, V]

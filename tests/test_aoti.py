@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import dbrx_aot
 import dbrx_aot.export
-from conftest import copy_artifact, parity_config
+from conftest import TOLERANCE, copy_artifact, parity_config
 from dbrx_aot.cli import cli
 from dbrx_aot.errors import DbrxAotError
 
@@ -204,6 +204,24 @@ def test_compiles_sharing_an_inductor_cache_take_turns(tmp_path, monkeypatch, ca
         assert entered.wait(10)
         thread.join()
     assert f"waiting for another process's compile in {tmp_path}" in caplog.text
+
+
+def test_verification_runs_a_compiled_chunk_once_per_position_it_compares(artifacts, monkeypatch):
+    """The prefill graph returns one position per row, so every-position logits cost a graph call a
+    position: logits() and verify ask only for the prompt's positions, not the chunk's padding."""
+    from dbrx_aot.verify import teacher_forced
+
+    rt = dbrx_aot.load_runtime(artifacts["gather"], "aoti", progress=False)  # B=1, P=8
+    eager = dbrx_aot.load_runtime(artifacts["gather"], "eager", progress=False)
+    calls = []
+    real = type(rt).run_graph
+    monkeypatch.setattr(type(rt), "run_graph", lambda self, graph, *a: calls.append(graph) or real(self, graph, *a))
+    ids = torch.arange(11)[None]                                    # chunks of 8 and 3 tokens
+    torch.testing.assert_close(rt.logits(ids), eager.logits(ids), atol=TOLERANCE[("aoti", torch.float32)], rtol=0)
+    assert calls == ["prefill"] * 11
+    calls.clear()
+    assert sum(1 for _ in teacher_forced(rt, eager, [list(range(5))], steps=2)) == 5 + 2
+    assert calls == ["prefill"] * 5 + ["decode"] * 2
 
 
 def test_skip_weights_artifact_refuses_to_run(gpu_check_dry_run):

@@ -43,7 +43,11 @@ class FakeRuntime(RuntimeBase):
     def prefill(self, tokens, positions, cache, logit_index=None):
         tokens, positions = self.check_call(tokens, positions, cache, self.prefill_chunk)
         logits = self._logits(tokens, positions, cache)
-        return logits if logit_index is None else logits[torch.arange(len(tokens)), logit_index][:, None]
+        if logit_index is None:
+            return logits
+        index = torch.as_tensor(logit_index)
+        index = index[:, None] if index.dim() == 1 else index                   # [B, R]
+        return logits[torch.arange(len(tokens))[:, None], index]                # [B, R, V]
 
     def decode(self, tokens, positions, cache):
         tokens, positions = self.check_call(tokens, positions, cache, 1)

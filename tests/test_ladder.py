@@ -35,6 +35,10 @@ def check_prefill_and_decode(runtime, eager, atol: float) -> None:
         selected = runtime.prefill(tokens, positions, c_rt, index)
         assert selected.shape == (B, 1, eager.config.vocab_size)
         torch.testing.assert_close(selected[:, 0], expected[torch.arange(B), index], atol=atol, rtol=0)
+        # Verification's path: R positions a row ([B, R]), the chunk once per column.
+        pair = torch.stack([index, (index + 1) % n], dim=1)
+        torch.testing.assert_close(runtime.prefill(tokens, positions, c_rt, pair),
+                                   expected[torch.arange(B)[:, None], pair], atol=atol, rtol=0)
     nxt = expected[:, n - 1].argmax(-1)
     for step in range(STEPS):
         positions = torch.full((B, 1), P + 5 + step)

@@ -208,5 +208,8 @@ def test_logit_index_selects_one_position_per_row(path):
     one = rt.prefill(tokens, positions, rt.new_cache(), index)
     assert one.shape == (2, 1, every.shape[-1])
     torch.testing.assert_close(one[:, 0], every[torch.arange(2), index], atol=ATOL, rtol=0)
-    with pytest.raises(dbrx_aot.DbrxAotError, match=r"logit_index \[8, 0\], expected 2 chunk positions in \[0, 8\)"):
+    rows = torch.tensor([[0, 7, 7], [2, 1, 0]])                     # [B, R]: R positions a row, any order
+    torch.testing.assert_close(rt.prefill(tokens, positions, rt.new_cache(), rows),
+                               every[torch.arange(2)[:, None], rows], atol=ATOL, rtol=0)
+    with pytest.raises(dbrx_aot.DbrxAotError, match=r"logit_index \[8, 0\], expected \[2\] or \[2, R\] chunk positions in \[0, 8\)"):
         rt.prefill(tokens, positions, rt.new_cache(), torch.tensor([8, 0]))
