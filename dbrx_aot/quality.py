@@ -86,7 +86,8 @@ def measure(runtimes: dict[str, Runtime], reference: Runtime, windows: list[list
                 continue
             target, index = target[:, :R], torch.arange(R).expand(B, R)
             valid = target >= 0
-            ref_logp = torch.log_softmax(reference.prefill(tokens, positions, ref_cache, index).double().cpu(), -1)[valid]
+            ref_logits = reference.prefill(tokens, positions, ref_cache, index)
+            ref_logp = torch.log_softmax(ref_logits.double().cpu(), -1)[valid]
             gold = target[valid]
             _accumulate(stats["reference"], ref_logp, gold, ref_logp)
             for name, rt in runtimes.items():

@@ -204,7 +204,8 @@ def teacher_forced(runtime: Runtime, eager: Runtime, rows: list[list[int]], step
     last = [None] * B
     for start, tokens, positions in prefill_chunks(rows, P, S):
         index = torch.arange(min(P, max(lengths) - start)).expand(B, -1)  # [B, R]: past R, padding in every row
-        got, expected = runtime.prefill(tokens, positions, c_rt, index), eager.prefill(tokens, positions, c_eager, index)
+        got = runtime.prefill(tokens, positions, c_rt, index)
+        expected = eager.prefill(tokens, positions, c_eager, index)
         for i in range(index.shape[1]):
             valid = torch.tensor([start + i < n for n in lengths])
             yield got[:, i], expected[:, i], valid.to(got.device)

@@ -211,5 +211,6 @@ def test_logit_index_selects_one_position_per_row(path):
     rows = torch.tensor([[0, 7, 7], [2, 1, 0]])                     # [B, R]: R positions a row, any order
     torch.testing.assert_close(rt.prefill(tokens, positions, rt.new_cache(), rows),
                                every[torch.arange(2)[:, None], rows], atol=ATOL, rtol=0)
-    with pytest.raises(dbrx_aot.DbrxAotError, match=r"logit_index \[8, 0\], expected \[2\] or \[2, R\] chunk positions in \[0, 8\)"):
+    expected = r"logit_index \[8, 0\], expected \[2\] or \[2, R\] chunk positions in \[0, 8\)"
+    with pytest.raises(dbrx_aot.DbrxAotError, match=expected):
         rt.prefill(tokens, positions, rt.new_cache(), torch.tensor([8, 0]))
