@@ -133,6 +133,8 @@ def describe(path: Path) -> dict:
     root = Path(path)
     m = Manifest.read(root)
     plan = memory_plan(m.config, m.dtype, m.weights_format, m.tp)
+    onnx_moe = {g: m.graphs[g].get("onnx_moe", form) if "onnx" in m.formats else form
+                for g, form in m.moe_modes.items()}
     return {
         "path": str(root),
         "format_version": m.format_version,
@@ -140,7 +142,8 @@ def describe(path: Path) -> dict:
         "device": m.device,
         "dtype": m.dtype,
         "shapes": {"batch_size": m.batch_size, "max_seq_len": m.max_seq_len, "prefill_chunk": m.prefill_chunk},
-        "moe": {"requested": m.moe, **m.moe_modes},
+        "moe": {"requested": m.moe, **m.moe_modes,  # the ONNX graphs' forms too, where they differ
+                **({"onnx": onnx_moe} if onnx_moe != m.moe_modes else {})},
         "config": m.config.to_dict(),
         "parameters": m.config.param_count(),
         "versions": m.versions,
@@ -165,7 +168,9 @@ def format_text(info: dict) -> str:
         f"vocab {c['vocab_size']}",
         f"built for     {info['device']}, {info['dtype']}, B={info['shapes']['batch_size']} "
         f"S={info['shapes']['max_seq_len']} P={info['shapes']['prefill_chunk']}, MoE {info['moe']['requested']} "
-        f"(prefill {info['moe']['prefill']}, decode {info['moe']['decode']})",
+        f"(prefill {info['moe']['prefill']}, decode {info['moe']['decode']}"
+        + "".join(f"; onnx {g} {form}" for g, form in info["moe"].get("onnx", {}).items() if form != info["moe"][g])
+        + ")",
         f"weights       stored as {info['weights_format']}" + (
             f"; ONNX linear layers as MatMulNBits, accuracy level {info['onnx_accuracy_level']}"
             if info["onnx_accuracy_level"] is not None else "") + ": " + ", ".join(

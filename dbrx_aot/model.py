@@ -68,8 +68,8 @@ def grouped_unfit(config: DbrxConfig, dtype: torch.dtype, onnx: bool = False) ->
 def resolve_moe_mode(mode: str, tokens_per_call: int, config: DbrxConfig, dtype: torch.dtype = torch.float32,
                      device: torch.device = torch.device("cpu"), onnx: bool = False) -> MoeMode:
     """``auto``: gather when the call's tokens pick fewer expert slots than there are experts;
-    grouped on CPU without ONNX graphs once the experts get ``GROUPED_MIN_ROWS[dtype]`` slots each
-    on average; dense elsewhere (below that, with ONNX graphs, on CUDA: not measured yet).
+    grouped on CPU for a graph that is not ONNX once the experts get ``GROUPED_MIN_ROWS[dtype]``
+    slots each on average; dense elsewhere (below that, ONNX graphs, on CUDA: not measured yet).
     ``grouped`` explicitly: where ``grouped_unfit`` finds nothing against it."""
     if mode == "auto":
         slots = tokens_per_call * config.moe_top_k

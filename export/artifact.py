@@ -109,10 +109,19 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     max_seq_len = min(config.max_seq_len, 4096) if max_seq_len is None else max_seq_len
     prefill_chunk = min(max_seq_len, 64) if prefill_chunk is None else prefill_chunk
     check_static_shapes(config, batch_size, max_seq_len, prefill_chunk)
-    # One MoE form per graph for both formats (the manifest's moe_modes), so no grouped with ONNX.
-    moe_form = dict(config=config, dtype=torch_dtype, device=dev, onnx="onnx" in formats)
-    specs = {"prefill": GraphSpec("prefill", prefill_chunk, resolve_moe_mode(moe, batch_size * prefill_chunk, **moe_form)),
-             "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, **moe_form))}
+
+    def graph_specs(onnx: bool) -> dict[str, GraphSpec]:
+        form = dict(config=config, dtype=torch_dtype, device=dev, onnx=onnx)
+        return {"prefill": GraphSpec("prefill", prefill_chunk,
+                                     resolve_moe_mode(moe, batch_size * prefill_chunk, **form)),
+                "decode": GraphSpec("decode", 1, resolve_moe_mode(moe, batch_size, **form))}
+
+    # Each format's graphs take the MoE form auto picks for it (ONNX has no grouped product): with
+    # both formats the AOTInductor graphs may group their experts where the ONNX ones stay dense.
+    # The manifest's moe_modes (the eager reference's forms) are the AOTInductor graphs' when there
+    # are some; graphs[g].onnx_moe is the ONNX graph's.
+    specs = graph_specs(onnx="aoti" not in formats)
+    onnx_specs = graph_specs(onnx=True) if "onnx" in formats else {}
     attention_modes = {name: resolve_attention(attention, spec, dev) for name, spec in specs.items()}
     if out.exists() and not force:
         raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
@@ -154,9 +163,10 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
 
             for name in GRAPHS:
                 with stage(f"onnx {name}: export", timings, bar):
-                    graphs[name]["onnx"] = export_onnx(model, specs[name], batch_size, max_seq_len, tmp, weights,
+                    graphs[name]["onnx"] = export_onnx(model, onnx_specs[name], batch_size, max_seq_len, tmp, weights,
                                                        onnx_accuracy_level)
-                graphs[name]["onnx_outputs"] = io_description(config, specs[name], batch_size, max_seq_len,
+                graphs[name]["onnx_moe"] = onnx_specs[name].moe
+                graphs[name]["onnx_outputs"] = io_description(config, onnx_specs[name], batch_size, max_seq_len,
                                                               torch_dtype, functional=True)["outputs"]
         del model
         with stage("checksums", timings, bar):

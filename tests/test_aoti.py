@@ -249,22 +249,29 @@ def test_dbrx_132b_graphs_compile_in_a_few_gb(tmp_path):
 
 
 def test_fp32_grouped_experts_through_the_project_op_pass_verify(tiny_checkpoint, tmp_path):
-    """auto on CPU in fp32, AOTInductor only, 16 token slots an expert (B=1, P=64, k=4, E=16): the
-    prefill graph groups its experts through dbrx_aot::grouped_mm (torch's export refuses fp32
-    torch._grouped_mm), called by the package's proxy executor; exact to eager within fp32's bar."""
+    """auto on CPU in fp32, 16 token slots an expert (B=1, P=64, k=4, E=16): the AOTInductor prefill
+    graph groups its experts through dbrx_aot::grouped_mm (torch's export refuses fp32
+    torch._grouped_mm), called by the package's proxy executor, while the same artifact's ONNX
+    prefill stays dense (ONNX has no grouped product); both exact to eager within fp32's bar."""
     import zipfile
 
     from dbrx_aot.export import export_artifact
+    from dbrx_aot.inspection import describe, format_text
     from dbrx_aot.verify import verify
 
-    path = export_artifact(tiny_checkpoint, tmp_path / "grouped", formats="aoti", batch_size=1, max_seq_len=128,
-                           prefill_chunk=64, progress=False).path
+    path = export_artifact(tiny_checkpoint, tmp_path / "grouped", formats="aoti,onnx", batch_size=1,
+                           max_seq_len=128, prefill_chunk=64, progress=False).path
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["moe_modes"] == {"prefill": "grouped", "decode": "gather"}
+    assert {g: manifest["graphs"][g]["onnx_moe"] for g in manifest["graphs"]} == {"prefill": "dense",
+                                                                                  "decode": "gather"}
+    assert "MoE auto (prefill grouped, decode gather; onnx prefill dense)" in format_text(describe(path))
     assert {g: manifest["graphs"][g]["aoti_ops"] for g in manifest["graphs"]} == {
         "prefill": ["dbrx_aot::grouped_mm"], "decode": []}
     with zipfile.ZipFile(path / "aoti" / "prefill.pt2") as package:
         assert any(b"dbrx_aot::grouped_mm" in package.read(n) for n in package.namelist() if n.endswith(".json"))
     assert dbrx_aot.load_runtime(path, "eager", progress=False)._prefill.moe == "grouped"
-    (aoti,) = verify(path, steps=8, progress=False).reports
-    assert aoti.runtime == "aoti" and aoti.within_tolerance and aoti.top1_agreement == 1.0, aoti
+    reports = verify(path, steps=8, progress=False).reports
+    assert [r.runtime for r in reports] == ["aoti", "onnxruntime"]
+    for r in reports:
+        assert r.within_tolerance and r.top1_agreement == 1.0, r
