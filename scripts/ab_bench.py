@@ -63,9 +63,10 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transfo
             raise dbrx_aot.DbrxAotError(f"{name}: batch {rt.batch_size}, {rt.max_seq_len} cache slots; expected "
                                         f"batch 1 and at least {prompt_len + new_tokens} slots")
     contenders = {name: partial(bench_runtime, rt, prompt_len, new_tokens, repeats=1) for name, rt in loaded.items()}
+    peer = None
     if transformers is not None:
-        name, one_round = transformers_round(transformers, transformers_dtype, prompt_len, new_tokens)
-        contenders[name] = one_round
+        peer, one_round = transformers_round(transformers, transformers_dtype, prompt_len, new_tokens)
+        contenders[peer] = one_round
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, one_round in contenders.items():
@@ -75,7 +76,7 @@ def ab(paths: list[Path], prompt_len: int, new_tokens: int, rounds: int, transfo
         result[name] = {key: {"median": statistics.median(r[key] for r in rs), "best": max(r[key] for r in rs)}
                         for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
     return {"runtimes": list(runtimes), "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
-            "threads": torch.get_num_threads(), "artifacts": result}
+            "threads": torch.get_num_threads(), "artifacts": result, "peer": peer}
 
 
 def main(argv=None) -> int:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.rounds} alternating rounds on {', '.join(result['runtimes'])}: {args.prompt_len}-token prompt, "
           f"{args.new_tokens} greedy steps, {result['threads']} threads (median, best)")
-    peer = next((r for name, r in result["artifacts"].items() if name.startswith("transformers ")), None)
+    peer = result["artifacts"].get(result["peer"])
     for name, r in result["artifacts"].items():
         p, d = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
         vs = "" if peer is None or r is peer else (

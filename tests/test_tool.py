@@ -516,8 +516,10 @@ def test_ab_bench_alternates_artifacts_in_one_process(artifacts, tiny_checkpoint
     ab_bench = load_script("ab_bench")
     assert ab_bench.main([str(artifacts["gather"]), "--prompt-len", "11", "--new-tokens", "3", "--rounds", "2",
                           "--transformers", str(tiny_checkpoint), "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)["artifacts"]
+    report = json.loads(capsys.readouterr().out)
+    results = report["artifacts"]
     assert list(results)[0] == str(artifacts["gather"]) and list(results)[1].startswith("transformers ")
+    assert report["peer"] == list(results)[1]
     for r in results.values():
         assert r["prefill_tokens_per_s"]["best"] >= r["prefill_tokens_per_s"]["median"] > 0
         assert r["decode_tokens_per_s"]["median"] > 0
