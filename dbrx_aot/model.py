@@ -101,23 +101,23 @@ def _grouped_mm_shape(a, b, ends):
     return a.new_empty(a.shape[0], b.shape[-1])                     # [A, Y]
 
 
-# AOTInductor's CPU shim for aten._grouped_mm came with torch 2.12 (torchgen/aoti/fallback_ops.py;
-# CUDA's is older): a CPU package compiled by torch 2.11 cannot call it ("aoti_torch_cpu__grouped_mm
-# was not declared"), so there bf16 goes through the project op as the other dtypes do.
-ATEN_GROUPED_MM_ON_CPU = TorchVersion(torch.__version__) >= (2, 12)
+# AOTInductor's shims for aten._grouped_mm came with torch 2.12 (torchgen/aoti/fallback_ops.py): a
+# package compiled by torch 2.11 cannot call it, on CPU nor on CUDA (seen on an H200: "aoti_torch_cuda
+# __grouped_mm was not declared"), so there bf16 goes through the project op as the other dtypes do.
+ATEN_GROUPED_MM_SHIM = TorchVersion(torch.__version__) >= (2, 12)
 
 
-def project_ops(moe: MoeMode, dtype: torch.dtype, device: torch.device) -> list[str]:
-    """The dbrx_aot ops a compiled graph of this MoE form, dtype and device calls (the manifest's
+def project_ops(moe: MoeMode, dtype: torch.dtype) -> list[str]:
+    """The dbrx_aot ops a compiled graph of this MoE form and dtype calls (the manifest's
     ``aoti_ops``): a process loading its package must have imported dbrx_aot."""
-    aten = dtype == torch.bfloat16 and (device.type != "cpu" or ATEN_GROUPED_MM_ON_CPU)
+    aten = dtype == torch.bfloat16 and ATEN_GROUPED_MM_SHIM
     return ["dbrx_aot::grouped_mm"] if moe == "grouped" and not aten else []
 
 
 def group_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` sorted by group times each group's matrix of ``b``: aten's op where its export
-    admits the dtype (bf16) and AOTInductor can call it on the device, the project op otherwise."""
-    if project_ops("grouped", a.dtype, a.device):
+    admits the dtype (bf16) and AOTInductor can call it, the project op otherwise."""
+    if project_ops("grouped", a.dtype):
         return grouped_mm(a, b, ends)
     return torch._grouped_mm(a, b, offs=ends)
 

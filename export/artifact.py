@@ -157,7 +157,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
                     graphs[name]["aoti_attention"] = attention_modes[name]
                     graphs[name]["aoti_attention_extents"] = list(extents)
                     graphs[name]["aoti_linear"] = linear
-                    graphs[name]["aoti_ops"] = project_ops(specs[name].moe, torch_dtype, dev)
+                    graphs[name]["aoti_ops"] = project_ops(specs[name].moe, torch_dtype)
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from dbrx_aot.model import ATEN_GROUPED_MM_ON_CPU
+from dbrx_aot.model import ATEN_GROUPED_MM_SHIM
 from dbrx_aot.verify import TOLERANCES, Tolerance, verify
 
 
@@ -123,7 +123,7 @@ def test_bf16_aoti_artifact_with_grouped_experts_passes_verify(tiny_checkpoint, 
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["moe_modes"] == {"prefill": "grouped", "decode": "grouped"}
     # torch._grouped_mm, compiled in: no project op (before torch 2.12 AOTInductor has no CPU shim for it)
-    assert manifest["graphs"]["prefill"]["aoti_ops"] == ([] if ATEN_GROUPED_MM_ON_CPU else ["dbrx_aot::grouped_mm"])
+    assert manifest["graphs"]["prefill"]["aoti_ops"] == ([] if ATEN_GROUPED_MM_SHIM else ["dbrx_aot::grouped_mm"])
     eager = dbrx_aot.load_runtime(path, "eager", progress=False)
     assert (eager._prefill.moe, eager._decode.moe) == ("grouped", "grouped")
     fp32 = dbrx_aot.load_runtime(path, "eager", dtype="float32", progress=False)  # verify's reference
