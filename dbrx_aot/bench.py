@@ -12,13 +12,15 @@ so on a CPU it reaches less than a read-only stream: a fraction of it overstates
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import multiprocessing
 import os
 import resource
+import signal
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from pathlib import Path
 
 import torch
@@ -180,7 +182,6 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the copy's buffers: give the device back to the runtimes' processes
     results = {}
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory, threads or CUDA state inherited
     init_from_env(dev)  # under torchrun: join its world before anything runs
     tp = world()[1]
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
@@ -189,8 +190,7 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
             result = bench_one(*args)
             gc.collect()
         else:
-            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                result = pool.submit(bench_one, *args).result()
+            result = run_isolated(f"the {name} runtime", bench_one, *args)
         result["fraction_of_bandwidth_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / bandwidth
         result["fraction_of_read_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / read_limit
         result["random_weights"] = random_weights if name == "aoti" else None
@@ -201,6 +201,52 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
             "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp,
             "collective_ms_per_decode_step": collective_ms(path, dev) if tp > 1 else None,
             "shapes": config_src, "results": results}
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process, as text (its __cause__ here)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def run_isolated(what: str, fn, *args):
+    """``fn(*args)`` in a fresh interpreter (spawn: no memory, threads or CUDA state inherited): its
+    result, or its exception raised here (the child's traceback as the cause). A child that dies
+    without reporting (a segfault in compiled code, an abort, the OOM killer) is a DbrxAotError
+    naming the signal; faulthandler is on in the child, so a crash prints its Python stack first."""
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_isolated, args=(send, fn, args), daemon=True)
+    child.start()
+    send.close()  # the child holds the only writer: its death ends recv() with EOFError
+    try:
+        ok, value, text = receive.recv()
+    except EOFError:
+        child.join()
+        code = child.exitcode
+        how = f"of {signal.Signals(-code).name}" if code is not None and code < 0 else f"with exit code {code}"
+        raise DbrxAotError(f"{what}: its process died {how} before it reported (its stack, where the "
+                           "interpreter could print one, is above)") from None
+    finally:
+        receive.close()
+    child.join()
+    if ok:
+        return value
+    raise value from RemoteTraceback(text)
+
+
+def _isolated(send, fn, args) -> None:
+    faulthandler.enable()
+    try:
+        report = (True, fn(*args), "")
+    except BaseException as err:  # everything goes back to the parent, which raises it
+        report = (False, err, traceback.format_exc())
+    try:
+        send.send(report)
+    except Exception as err:  # an unpicklable result or exception: say so instead of dying silently
+        send.send((False, RuntimeError(f"{type(report[1]).__name__} could not be sent back: {err}"), report[2]))
+    send.close()
 
 
 def collective_ms(path: Path, device: torch.device, repeats: int = 20) -> float:

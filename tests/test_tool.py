@@ -318,6 +318,23 @@ def test_bench_runs_each_runtime_in_its_own_process(artifacts):
     assert all(0 < r["rss_gb_after"] <= r["rss_gb_peak"] + 0.01 for r in data["results"].values())
 
 
+def test_a_runtime_process_that_dies_is_named_with_its_signal_and_stack(capfd):
+    """What the H200 showed: the aoti runtime's process crashed and bench said only "BrokenProcessPool".
+    Now the child's Python stack is printed (faulthandler) and the error names the signal."""
+    import os
+
+    from dbrx_aot.bench import RemoteTraceback, run_isolated
+    from dbrx_aot.errors import DbrxAotError
+
+    assert run_isolated("divmod", divmod, 7, 2) == (3, 1)
+    with pytest.raises(ValueError, match="invalid literal") as raised:
+        run_isolated("int", int, "seven")
+    assert isinstance(raised.value.__cause__, RemoteTraceback) and "Traceback" in str(raised.value.__cause__)
+    with pytest.raises(DbrxAotError, match="the aoti runtime: its process died of SIGABRT before it reported"):
+        run_isolated("the aoti runtime", os.abort)
+    assert "Fatal Python error: Aborted" in capfd.readouterr().err
+
+
 def test_generate_says_when_the_cache_is_full(artifacts):
     result = run("generate", artifacts["auto"], "--runtime", "aoti", "--prompt", "Hello", "--max-new-tokens", 100)
     assert result.exit_code == 0, result.output
