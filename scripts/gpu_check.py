@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -139,9 +140,11 @@ class Check:
     def run(self, label: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run a command in its own process group (killed whole on timeout); (exit code, output)."""
         timeout = max(1.0, min(timeout, self.left()))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # faulthandler: a process that crashes in compiled code prints its Python stack into the log.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         if self.site is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), env.get("PYTHONPATH")]))
+        started = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
         try:
@@ -152,7 +155,8 @@ class Check:
             output, _ = proc.communicate()
             output += f"\n(killed after {timeout:.0f} s)"
             rc = -9
-        self.log.write(f"===== {label}: {' '.join(cmd)}\n{output}\n===== exit {rc}\n\n")
+        self.log.write(f"===== {label}: {' '.join(cmd)}\n{output}\n===== exit {rc} after "
+                       f"{time.monotonic() - started:.1f} s\n\n")
         self.log.flush()
         return rc, output
 
@@ -443,8 +447,15 @@ def wheel_installed(wheel: Path) -> bool:
 
 
 def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(no output)"
+    """The line of a failed command's output that says what went wrong: the CLI's one-line error,
+    else a compiler's first error, else the last Python exception line, else the last line (the
+    first H200 run reported a warning printed after the error, and a caret under a C++ error)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    picks = ([line for line in lines if line.startswith("error: ")][-1:]
+             or [line[line.index(": error:") + 2:] for line in lines if ": error:" in line][:1]
+             or [line for line in lines if re.match(r"(\w+\.)*[A-Z]\w*: ", line)][-1:]
+             or lines[-1:])
+    return picks[0][:300] if picks else "(no output)"
 
 
 def read_junit(path: Path) -> list[dict]:

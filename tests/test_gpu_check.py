@@ -20,7 +20,7 @@ gpu_check = load_script("gpu_check")
 def failed_commands(log: str) -> list[str]:
     """The blocks of the check's log.txt ("===== label: command", its output, "===== exit N") whose
     command exited non-zero."""
-    blocks = re.finditer(r"^===== [^\n]*\n.*?^===== exit (-?\d+)$", log, re.M | re.S)
+    blocks = re.finditer(r"^===== [^\n]*\n.*?^===== exit (-?\d+) after [\d.]+ s$", log, re.M | re.S)
     return [b[0] for b in blocks if b[1] != "0"]
 
 
@@ -86,6 +86,26 @@ def test_a_command_past_the_deadline_is_killed(tmp_path):
     check.deadline = check.start + 1.5
     rc, out = check.run("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=60)
     assert rc == -9 and "killed after" in out
+
+
+def test_a_crashed_command_prints_its_stack_and_is_summed_up_by_the_line_that_says_why(tmp_path):
+    """The first H200 run's failures read "warnings.warn(...)" and "|   ^~~~": the lines after the error."""
+    check = make_check(tmp_path)
+    rc, out = check.run("crash", [sys.executable, "-c", "import os; os.abort()"], timeout=60)
+    assert rc == -6 and "Fatal Python error: Aborted" in out  # PYTHONFAULTHANDLER: the stack is in the log
+    cli = ("Fatal Python error: Segmentation fault\n  File \"runtimes/aoti.py\", line 95 in run_graph\n"
+           "error: the aoti runtime: its process died of SIGSEGV before it reported\n"
+           "resource_tracker.py:254: UserWarning: resource_tracker: There appear to be 1 leaked semaphore objects\n"
+           "  warnings.warn('resource_tracker: There appear to be %d '\n")
+    assert gpu_check.last_line(cli) == "error: the aoti runtime: its process died of SIGSEGV before it reported"
+    cpp = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+           "torch._inductor.exc.InductorError: CppCompileError: C++ compile error\n\nCommand:\ng++ w.cpp\n\nOutput:\n"
+           "w.cpp:3807:33: error: 'aoti_torch_cuda__grouped_mm' was not declared in this scope\n"
+           " 3807 |     AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cuda__grouped_mm(buf39));\n      |        ^~~~\n")
+    assert gpu_check.last_line(cpp) == "error: 'aoti_torch_cuda__grouped_mm' was not declared in this scope"
+    assert gpu_check.last_line(cpp.split("\n\nCommand")[0]) == \
+        "torch._inductor.exc.InductorError: CppCompileError: C++ compile error"
+    assert gpu_check.last_line("a\n\nlast words\n") == "last words" and gpu_check.last_line("") == "(no output)"
 
 
 def test_a_wheel_already_installed_at_its_version_is_not_installed_again(tmp_path):
