@@ -196,6 +196,26 @@ def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
     assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md
 
 
+def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_plain_process(tmp_path):
+    check = make_check(tmp_path, "cuda")
+    commands = []
+
+    def fake_bench(label, path, *options):
+        if "aoti" in options:
+            raise gpu_check.StageFailed(f"{label}: exit 2: error: the aoti runtime: its process died of SIGSEGV")
+        return {"copy_bandwidth_gb_s": 3000.0, "results": {"eager": {"decode_tokens_per_s": 50.0}}}
+
+    def fake_run(label, cmd, timeout, env=None):
+        commands.append(cmd)
+        return 0, "aoti  1.0e-02 ... ok"
+
+    check.bench, check.run = fake_bench, fake_run
+    check.stage("bench", check.bench_stage)
+    assert [c[c.index("verify"):] for c in commands] == [
+        ["verify", str(check.work / "bench-art"), "--runtime", "aoti", "--device", "cuda", "--steps", "8"]]
+    assert check.stages[0]["detail"].endswith("died of SIGSEGV; verify aoti: passed")
+
+
 def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
     """On CUDA a slice export holds its weights on the GPU while it compiles (15.5 GB for 2 layers of
     the released model in bf16): as many at once as fit in 80% of the GPU's memory."""

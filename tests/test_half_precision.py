@@ -122,7 +122,7 @@ def test_bf16_aoti_artifact_with_grouped_experts_passes_verify(tiny_checkpoint, 
                            max_seq_len=64, prefill_chunk=8, progress=False).path
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["moe_modes"] == {"prefill": "grouped", "decode": "grouped"}
-    # torch._grouped_mm, compiled in: no project op (before torch 2.12 AOTInductor has no CPU shim for it)
+    # torch._grouped_mm, compiled in: no project op (before torch 2.12 AOTInductor has no shim for it)
     assert manifest["graphs"]["prefill"]["aoti_ops"] == ([] if ATEN_GROUPED_MM_SHIM else ["dbrx_aot::grouped_mm"])
     eager = dbrx_aot.load_runtime(path, "eager", progress=False)
     assert (eager._prefill.moe, eager._decode.moe) == ("grouped", "grouped")
