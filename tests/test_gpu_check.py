@@ -214,6 +214,14 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
     assert [c[c.index("verify"):] for c in commands] == [
         ["verify", str(check.work / "bench-art"), "--runtime", "aoti", "--device", "cuda", "--steps", "8"]]
     assert check.stages[0]["detail"].endswith("died of SIGSEGV; verify aoti: passed")
+    # Then the slices: the first is tried (with and without CUDA graphs); when it fails too, the
+    # others are not run, leaving the device minutes for a rerun.
+    benched = []
+    check.bench = lambda label, path, *options: benched.append(label) or fake_bench(label, path, *options)
+    check.stage("slice", check.slice_stage)
+    assert benched == ["slice batch1", "slice batch1 without CUDA graphs"]
+    assert "slice batch8: not run (the small preset's aoti benches and the first slice failed)" in \
+        check.stages[1]["detail"]
 
 
 def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
