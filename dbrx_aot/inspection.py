@@ -133,8 +133,7 @@ def describe(path: Path) -> dict:
     root = Path(path)
     m = Manifest.read(root)
     plan = memory_plan(m.config, m.dtype, m.weights_format, m.tp)
-    onnx_moe = {g: m.graphs[g].get("onnx_moe", form) if "onnx" in m.formats else form
-                for g, form in m.moe_modes.items()}
+    onnx_moe = {g: m.onnx_moe(g) for g in m.moe_modes} if "onnx" in m.formats else m.moe_modes
     return {
         "path": str(root),
         "format_version": m.format_version,

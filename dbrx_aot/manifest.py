@@ -105,6 +105,11 @@ class Manifest:
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 
+    def onnx_moe(self, graph: str) -> str:
+        """The MoE form of this artifact's ONNX graph ``graph``: its own (graphs[graph].onnx_moe), or
+        moe_modes' in artifacts written before the formats' forms could differ."""
+        return self.graphs[graph].get("onnx_moe", self.moe_modes[graph])
+
     def verify_files(self, root: Path, names: list[str] | None = None, checksums: bool = True,
                      progress: bool = True) -> None:
         """Every listed file present with its size, and (unless disabled) its sha256."""

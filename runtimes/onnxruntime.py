@@ -63,7 +63,7 @@ class OnnxRuntime(ArtifactRuntime):
         import onnxruntime as ort
 
         super().__init__(path, manifest, device)
-        self.decode_moe = manifest.graphs["decode"].get("onnx_moe", self.decode_moe)  # its own where it differs
+        self.decode_moe = manifest.onnx_moe("decode")  # its own where it differs from the aoti graph's
         self.providers = providers
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
