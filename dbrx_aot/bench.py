@@ -165,11 +165,11 @@ def aoti_options(runtimes: list[str], cuda_graphs: bool | None, random_weights: 
 
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
           verify_checksums: bool = True, progress: bool = True, cuda_graphs: bool | None = None,
-          random_weights: int | None = None) -> dict:
+          random_weights: int | None = None, isolate: bool = True) -> dict:
     """Each runtime in turn, each in a fresh process of its own (so its memory figures are its own,
     not what an earlier runtime left allocated): load time, prefill and decode speed, memory, and
     the fraction of the memory-bandwidth limit decode reaches (the bandwidth is measured here, in
-    the same run, on the same device).
+    the same run, on the same device). ``isolate=False`` measures them in this process instead.
 
     ``cuda_graphs`` and ``random_weights`` are aoti options (runtimes/aoti.py); random weights let
     a compile-only (--skip-weights) artifact at real width be measured."""
@@ -186,11 +186,12 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     tp = world()[1]
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
         args = (path, name, device, prompt_len, new_tokens, verify_checksums, options if name == "aoti" else {})
-        if tp > 1:  # under torchrun each rank measures in its own process, in lock step with the others
+        # Under torchrun each rank measures in its own process, in lock step with the others.
+        if isolate and tp == 1:
+            result = run_isolated(f"the {name} runtime", bench_one, *args)
+        else:
             result = bench_one(*args)
             gc.collect()
-        else:
-            result = run_isolated(f"the {name} runtime", bench_one, *args)
         result["fraction_of_bandwidth_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / bandwidth
         result["fraction_of_read_limit"] = result["decode_bandwidth_gb_s"] * 1e9 / read_limit
         result["random_weights"] = random_weights if name == "aoti" else None
@@ -198,7 +199,7 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     config_src = load_manifest_or_none(path)
     return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp,
+            "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp, "isolated": isolate and tp == 1,
             "collective_ms_per_decode_step": collective_ms(path, dev) if tp > 1 else None,
             "shapes": config_src, "results": results}
 
@@ -325,8 +326,9 @@ def format_table(report: dict) -> str:
     lines = [f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s (the limit), copy "
              f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
              f"(torch {report['torch']}, {report['threads']} threads)",
-             ("RSS: each runtime's own process after the run (each runs in a fresh process)" if report["tp"] == 1
-              else f"tensor parallel, {report['tp']} ranks (torchrun): figures of rank 0 (bytes and RSS per rank); "
+             ("RSS: each runtime's own process after the run (each runs in a fresh process)" if report["isolated"]
+              else "RSS: this process after each runtime's run (--in-process: what the runtimes before it left counts)"
+              if report["tp"] == 1 else f"tensor parallel, {report['tp']} ranks (torchrun): figures of rank 0 (bytes and RSS per rank); "
                    f"a decode step's collectives alone take {report['collective_ms_per_decode_step']:.2f} ms"),
              *([f"weights stored as {report['shapes']['weights_format']}, computed in {report['shapes']['dtype']}"
                 + (f"; onnxruntime MatMulNBits accuracy level {report['shapes']['onnx_accuracy_level']}"
