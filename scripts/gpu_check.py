@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ class Check:
         self.stages_chosen = set(args.stages.split(","))
         self.reuse_exports = args.reuse_exports
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
+        self.in_process = False  # set when a bench's measuring process died: later benches measure in the CLI's
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
@@ -195,6 +197,7 @@ class Check:
                        device_count=torch.cuda.device_count())
         else:
             env.update(device_name=f"cpu ({platform.processor() or platform.machine()})")
+        env["debugger"] = debugger()
         self.environment = env
         return f"{env['device_name']}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}"
 
@@ -318,11 +321,42 @@ class Check:
         return text
 
     def bench(self, label: str, path: Path, *options: str) -> dict:
-        rc, out = self.run(label, self.cli("bench", str(path), "--device", self.device, "--json", *options), 300)
+        """One ``bench --json`` run. Where its measuring process dies (bench spawns one per runtime;
+        the first H200 run's aoti ones died unexplained), once more in the CLI's own process
+        (``--in-process``), and so every later bench: the figures, and whether the spawned process
+        was what died."""
+        cmd = self.cli("bench", str(path), "--device", self.device, "--json", *options)
+        rc, out = self.run(label, cmd + ["--in-process"] * self.in_process, 300)
+        if rc and not self.in_process and "its process died" in out:
+            self.in_process = True
+            died = last_line(out)
+            rc, out = self.run(f"{label} --in-process", cmd + ["--in-process"], 300)
+            self.figures["in_process"] = (f"from {label} on, measured in the CLI's own process (--in-process): "
+                                          f"its spawned measuring process died ({died}); in the CLI's process it "
+                                          + ("ran" if rc == 0 else f"failed too (exit {rc})"))
+            if rc:
+                raise StageFailed(f"{label}: {died}; --in-process: exit {rc}: {last_line(out)}")
         if rc:
             raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
         lines = out.splitlines()  # the JSON report starts at a line "{" (json.dumps indent=2)
         return json.loads("\n".join(lines[lines.index("{"):]))
+
+    def diagnose(self, label: str, cmd: list[str]) -> str:
+        """Run a command that may crash in compiled code with every check the libraries offer: AOTInductor
+        checks each input's dtype, shape, strides and device (AOTI_RUNTIME_CHECK_INPUTS), CUDA reports
+        an error at the launch that caused it (CUDA_LAUNCH_BLOCKING), and a debugger, where there is
+        one (cuda-gdb on the GPU image), prints the native stack of a crash. One line: how it ended."""
+        env = {"AOTI_RUNTIME_CHECK_INPUTS": "1", "CUDA_LAUNCH_BLOCKING": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
+        tool = self.environment.get("debugger")
+        if tool is None:
+            rc, out = self.run(label, cmd, 300, env)
+            return "passed" if rc == 0 else f"exit {rc}: {last_line(out)}"
+        rc, out = self.run(f"{label} (under {Path(tool).name})", under_debugger(tool, cmd), 300, env)
+        outcome = debugged_outcome(out, rc)
+        if outcome.startswith("the debugger ended it"):  # it could not run the command (ptrace refused, say)
+            rc, out = self.run(label, cmd, 300, env)
+            return f"{'passed' if rc == 0 else f'exit {rc}: {last_line(out)}'} ({outcome})"
+        return outcome
 
     def bench_stage(self) -> str:
         p = self.plan
@@ -337,11 +371,10 @@ class Check:
             except StageFailed as err:
                 failed.append(str(err))
         if failed and not any(name.startswith("aoti") for name in reports):
-            # Where does it break: verify loads the package in the CLI's own process (bench measures in
-            # a spawned one) and compares it with eager. The first H200 run's aoti benches died unexplained.
-            rc, out = self.run("verify aoti (the aoti benches failed)", self.cli(
-                "verify", str(path), "--runtime", "aoti", "--device", self.device, "--steps", "8"), 300)
-            failed.append(f"verify aoti: {'passed' if rc == 0 else f'exit {rc}: {last_line(out)}'}")
+            # Where does it break: verify runs the package on 8 decode steps beside eager, with the
+            # input checks and a debugger's native stack. The first H200 run's aoti benches died unexplained.
+            failed.append("verify aoti: " + self.diagnose("verify aoti (the aoti benches failed)", self.cli(
+                "verify", str(path), "--runtime", "aoti", "--device", self.device, "--steps", "8")))
         runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
         fig = {"preset": p.bench_preset, "dtype": p.dtype, "batch_size": 1, "prompt_len": p.bench_prompt_len,
                "new_tokens": p.bench_new_tokens,
@@ -459,6 +492,38 @@ def wheel_installed(wheel: Path) -> bool:
         return False
 
 
+def debugger() -> str | None:
+    """gdb, or cuda-gdb (the GPU image has no gdb), where installed: the native stack of a crash."""
+    return shutil.which("gdb") or shutil.which("cuda-gdb")
+
+
+def under_debugger(tool: str, cmd: list[str]) -> list[str]:
+    """``cmd`` run by the debugger in batch mode: a crash stops it, and its native stack is printed."""
+    return [tool, "-q", "-nx", "-batch", "-ex", "set pagination off",
+            "-ex", "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass",
+            "-ex", "run", "-ex", "bt 30", "--args", *cmd]
+
+
+def debugged_outcome(out: str, rc: int) -> str:
+    """How a command under the debugger ended, in one line: passed, its exit code and error line, or
+    the signal and the innermost native frames of the crash."""
+    crash = re.search(r"received signal (SIG\w+)", out)
+    if crash:
+        frames = [native_frame(line.strip()) for line in out[crash.end():].splitlines() if re.match(r"#[0-4] ", line.strip())]
+        return f"died of {crash[1]}" + (" in " + " < ".join(frames) if frames else "")
+    ended = re.search(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]", out)
+    if ended:  # gdb writes the exit code in octal
+        return "passed" if ended[1] == "normally" else f"exit {int(ended[2], 8)}: {last_line(out[:ended.start()])}"
+    return f"the debugger ended it (exit {rc}): {last_line(out)}"
+
+
+def native_frame(line: str) -> str:
+    """gdb's "#3  0x7f.. in aoti_torch_foo (a=1, b=2) from /x/libtorch.so" as "aoti_torch_foo (libtorch.so)"."""
+    line = re.sub(r"^#\d+\s+(0x[0-9a-f]+ in )?", "", line)
+    where = re.search(r" (?:at|from) (\S+)$", line)
+    return line.split(" ")[0] + (f" ({Path(where[1]).name})" if where else "")
+
+
 def last_line(text: str) -> str:
     """The line of a failed command's output that says what went wrong: the CLI's one-line error,
     else a compiler's first error, else the last Python exception line, else the last line (the
@@ -543,6 +608,8 @@ def format_summary(s: dict) -> str:
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
                          f"{number(r.get('read_bandwidth_gb_s'), '.0f')} | {number(r.get('fraction_of_read_limit'), '.1%')} | "
                          f"{r['prefill_tokens_per_s']:.0f} ({r['prompt_len']}) |")
+    if "in_process" in fig:
+        lines += ["", f"Note: {fig['in_process']}."]
     if "exports_s" in fig:
         lines += ["", "Exports (background): " + ", ".join(f"{k} {v:.0f} s" for k, v in fig["exports_s"].items())]
     lines += ["", "## Targets (one H100/H200, bf16, batch 1)", ""]

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -207,6 +208,7 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
 
     def fake_run(label, cmd, timeout, env=None):
         commands.append(cmd)
+        assert env["AOTI_RUNTIME_CHECK_INPUTS"] == "1" and env["CUDA_LAUNCH_BLOCKING"] == "1"
         return 0, "aoti  1.0e-02 ... ok"
 
     check.bench, check.run = fake_bench, fake_run
@@ -241,3 +243,54 @@ def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
     for plan in gpu_check.PLANS.values():  # the plans' weight sizes are the presets' (bf16)
         config = dataclasses.replace(PRESETS[plan.slice_preset], n_layers=plan.slice_layers)
         assert plan.dtype == "bfloat16" and plan.slice_weight_gb == pytest.approx(config.param_count() * 2 / 1e9, rel=1e-3)
+
+
+def test_a_bench_whose_measuring_process_dies_is_measured_again_in_the_clis_process(tmp_path):
+    """The first H200 run: every aoti bench's spawned measuring process died. Once one does, that bench
+    runs again with --in-process, and so does every later bench; the summary says so."""
+    check = make_check(tmp_path, "cuda")
+    report = {"copy_bandwidth_gb_s": 3000.0, "results": {"aoti": {"decode_tokens_per_s": 80.0}}}
+    commands = []
+
+    def fake_run(label, cmd, timeout, env=None):
+        commands.append((label, cmd[cmd.index("bench"):]))
+        if "--in-process" in cmd:
+            return 0, "progress\n" + json.dumps(report, indent=2)
+        return 2, "Fatal Python error: Segmentation fault\nerror: the aoti runtime: its process died of SIGSEGV"
+
+    check.run = fake_run
+    assert check.bench("bench eager", tmp_path, "--runtime", "eager") == report
+    assert check.bench("bench aoti", tmp_path, "--runtime", "aoti") == report
+    assert [(label, cmd[-1]) for label, cmd in commands] == [
+        ("bench eager", "eager"), ("bench eager --in-process", "--in-process"), ("bench aoti", "--in-process")]
+    assert check.figures["in_process"].startswith("from bench eager on, measured in the CLI's own process")
+    assert "died of SIGSEGV); in the CLI's process it ran" in check.figures["in_process"]
+    check.figures["bench"] = {"preset": "small", "dtype": "bfloat16", "prompt_len": 1, "new_tokens": 1,
+                              "copy_bandwidth_gb_s": 3000.0, "runs": {}}
+    assert "Note: from bench eager on, measured in the CLI's own process" in gpu_check.format_summary(check.summary())
+    # Dying there too is one failure that says both.
+    again = make_check(tmp_path, "cuda")
+    again.run = lambda label, cmd, timeout, env=None: (-11, "error: the aoti runtime: its process died of SIGSEGV")
+    with pytest.raises(gpu_check.StageFailed, match=r"bench aoti: error: .*died of SIGSEGV; --in-process: exit -11"):
+        again.bench("bench aoti", tmp_path, "--runtime", "aoti")
+
+
+@pytest.mark.skipif(gpu_check.debugger() is None, reason="no gdb or cuda-gdb here")
+def test_the_debugger_names_the_native_frames_of_a_crash(tmp_path):
+    """Where a package crashes in compiled code, the Python stack ends at the call into it; the
+    debugger's says where inside (the GPU image has cuda-gdb)."""
+    tool = gpu_check.debugger()
+    probe = subprocess.run([tool, "-q", "-nx", "-batch", "-ex", "run", "--args", "true"], capture_output=True, text=True,
+                           timeout=60)
+    if "exited normally" not in probe.stdout:  # a sandbox without ptrace
+        pytest.skip(f"{tool} cannot run programs here: {probe.stdout.strip()[-200:]} {probe.stderr.strip()[-200:]}")
+
+    def outcome(code: str) -> str:
+        done = subprocess.run(gpu_check.under_debugger(tool, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=120)  # merged, as Check.run does
+        return gpu_check.debugged_outcome(done.stdout, done.returncode)
+
+    crash = outcome("import ctypes; ctypes.string_at(0)")
+    assert re.fullmatch(r"died of SIGSEGV in \S+ \(.+\)( < .+)+", crash) and "string_at (_ctypes.c:" in crash
+    assert outcome("import sys; sys.exit('error: no such file')") == "exit 1: error: no such file"
+    assert outcome("print('fine')") == "passed"
