@@ -115,22 +115,37 @@ def test_cuda_graphs_on_and_off_are_bit_identical(cuda_artifact, dtype):
 
 
 def test_cuda_aoti_artifact_runs_in_processes_that_did_not_compile_it(cuda_artifact):
-    """As users run it: verify in a fresh process, and bench, which measures in a process of its own.
-    The first H200 run's bench processes died there (no message, at the small preset's and the
-    slice's sizes) while the tests above, which load in the process that compiled, passed. Each
-    command has 150 s: a hang fails this test, not the whole GPU check's pytest run (420 s)."""
+    """As users run it: verify in a fresh process; bench in the CLI's own process (--in-process) and
+    in the process of its own it spawns, with and without CUDA graphs. The first H200 run's bench
+    processes died there (no message, at the small preset's and the slice's sizes) while the tests
+    above, which load in the process that compiled, passed. Every command runs even when one fails,
+    so that the failure says which ways of starting a process die; each has 120 s, and a hang stops
+    the rest (a hang fails this test, not the whole GPU check's pytest run of 420 s)."""
     path = str(cuda_artifact("bfloat16"))
     cli = [sys.executable, "-X", "faulthandler", "-m", "dbrx_aot.cli"]
-    done = subprocess.run([*cli, "verify", path, "--runtime", "aoti", "--device", "cuda", "--steps", "8"],
-                          capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for graphs in ("--cuda-graphs", "--no-cuda-graphs"):
-        done = subprocess.run([*cli, "bench", path, "--device", "cuda", "--runtime", "aoti", graphs, "--prompt-len", "8",
-                               "--new-tokens", "4", "--json"], capture_output=True, text=True, timeout=150)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        lines = done.stdout.splitlines()
-        result = json.loads("\n".join(lines[lines.index("{"):]))["results"]["aoti"]
-        assert result["cuda_graphs"] == (graphs == "--cuda-graphs") and result["decode_tokens_per_s"] > 0
+    bench = [*cli, "bench", path, "--device", "cuda", "--runtime", "aoti", "--prompt-len", "8", "--new-tokens", "4",
+             "--json"]
+    runs = {"verify": [*cli, "verify", path, "--runtime", "aoti", "--device", "cuda", "--steps", "8"],
+            "bench --in-process --no-cuda-graphs": [*bench, "--in-process", "--no-cuda-graphs"],
+            "bench --no-cuda-graphs": [*bench, "--no-cuda-graphs"],
+            "bench --cuda-graphs": [*bench, "--cuda-graphs"]}
+    outcomes, failures = {}, []
+    for name, cmd in runs.items():
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            outcomes[name] = "hung (120 s)"
+            break
+        outcomes[name] = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+        if done.returncode:
+            failures.append(f"----- {name}\n{done.stdout[-1500:]}{done.stderr[-2500:]}")
+        elif name.startswith("bench"):
+            lines = done.stdout.splitlines()
+            report = json.loads("\n".join(lines[lines.index("{"):]))
+            result = report["results"]["aoti"]
+            assert result["cuda_graphs"] == (not name.endswith("--no-cuda-graphs")), name
+            assert result["decode_tokens_per_s"] > 0 and report["isolated"] == ("--in-process" not in name), name
+    assert set(outcomes.values()) == {"ok"}, f"{outcomes}\n" + "\n".join(failures)
 
 
 def onnxruntime_cuda_missing() -> str | None:
