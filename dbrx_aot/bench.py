@@ -323,13 +323,16 @@ def load_manifest_or_none(path: Path) -> dict | None:
 def format_table(report: dict) -> str:
     header = (f"{'runtime':<13} {'prefill tok/s':>13} {'decode tok/s':>12} {'p50 ms':>8} {'p90 ms':>8} "
               f"{'GB/s':>7} {'of read':>8} {'of copy':>8} {'RSS GB':>7} {'vs eager':>8}")
+    if report["tp"] > 1:
+        processes = (f"tensor parallel, {report['tp']} ranks (torchrun): figures of rank 0 (bytes and RSS per rank); "
+                     f"a decode step's collectives alone take {report['collective_ms_per_decode_step']:.2f} ms")
+    elif report["isolated"]:
+        processes = "RSS: each runtime's own process after the run (each runs in a fresh process)"
+    else:
+        processes = "RSS: this process after each runtime's run (--in-process: what the runtimes before it left counts)"
     lines = [f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s (the limit), copy "
              f"{report['copy_bandwidth_gb_s']:.1f} GB/s, on {report['device']} "
-             f"(torch {report['torch']}, {report['threads']} threads)",
-             ("RSS: each runtime's own process after the run (each runs in a fresh process)" if report["isolated"]
-              else "RSS: this process after each runtime's run (--in-process: what the runtimes before it left counts)"
-              if report["tp"] == 1 else f"tensor parallel, {report['tp']} ranks (torchrun): figures of rank 0 (bytes and RSS per rank); "
-                   f"a decode step's collectives alone take {report['collective_ms_per_decode_step']:.2f} ms"),
+             f"(torch {report['torch']}, {report['threads']} threads)", processes,
              *([f"weights stored as {report['shapes']['weights_format']}, computed in {report['shapes']['dtype']}"
                 + (f"; onnxruntime MatMulNBits accuracy level {report['shapes']['onnx_accuracy_level']}"
                    if report['shapes']['onnx_accuracy_level'] is not None else "")]

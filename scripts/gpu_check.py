@@ -129,7 +129,7 @@ class Check:
         self.stages_chosen = set(args.stages.split(","))
         self.reuse_exports = args.reuse_exports
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
-        self.in_process = False  # set when a bench's measuring process died: later benches measure in the CLI's
+        self.in_process = False  # a bench's measuring process died: later benches measure in the CLI's process
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
@@ -513,7 +513,8 @@ def debugged_outcome(out: str, rc: int) -> str:
     the signal and the innermost native frames of the crash."""
     crash = re.search(r"received signal (SIG\w+)", out)
     if crash:
-        frames = [native_frame(line.strip()) for line in out[crash.end():].splitlines() if re.match(r"#[0-4] ", line.strip())]
+        frames = [native_frame(line.strip()) for line in out[crash.end():].splitlines()
+                  if re.match(r"#[0-4] ", line.strip())]
         return f"died of {crash[1]}" + (" in " + " < ".join(frames) if frames else "")
     ended = re.search(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]", out)
     if ended:  # gdb writes the exit code in octal

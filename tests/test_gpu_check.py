@@ -281,8 +281,8 @@ def test_the_debugger_names_the_native_frames_of_a_crash(tmp_path):
     """Where a package crashes in compiled code, the Python stack ends at the call into it; the
     debugger's says where inside (the GPU image has cuda-gdb)."""
     tool = gpu_check.debugger()
-    probe = subprocess.run([tool, "-q", "-nx", "-batch", "-ex", "run", "--args", "true"], capture_output=True, text=True,
-                           timeout=60)
+    probe = subprocess.run([tool, "-q", "-nx", "-batch", "-ex", "run", "--args", "true"], capture_output=True,
+                           text=True, timeout=60)
     if "exited normally" not in probe.stdout:  # a sandbox without ptrace
         pytest.skip(f"{tool} cannot run programs here: {probe.stdout.strip()[-200:]} {probe.stderr.strip()[-200:]}")
 
