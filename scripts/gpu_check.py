@@ -199,6 +199,10 @@ class Check:
         else:
             env.update(device_name=f"cpu ({platform.processor() or platform.machine()})")
         env["debugger"] = debugger()
+        if env["debugger"] is not None:  # cuda-gdb on the GPU image is unseen: one that cannot run `true` is not used
+            rc, out = self.run("debugger probe", under_debugger(env["debugger"], ["true"]), 60)
+            if debugged_outcome(out, rc) != "passed":
+                env["debugger_refused"], env["debugger"] = f"{env['debugger']}: {last_line(out)}", None
         self.environment = env
         return f"{env['device_name']}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}"
 

@@ -280,11 +280,11 @@ def test_a_bench_whose_measuring_process_dies_is_measured_again_in_the_clis_proc
 def test_the_debugger_names_the_native_frames_of_a_crash(tmp_path):
     """Where a package crashes in compiled code, the Python stack ends at the call into it; the
     debugger's says where inside (the GPU image has cuda-gdb)."""
-    tool = gpu_check.debugger()
-    probe = subprocess.run([tool, "-q", "-nx", "-batch", "-ex", "run", "--args", "true"], capture_output=True,
-                           text=True, timeout=60)
-    if "exited normally" not in probe.stdout:  # a sandbox without ptrace
-        pytest.skip(f"{tool} cannot run programs here: {probe.stdout.strip()[-200:]} {probe.stderr.strip()[-200:]}")
+    check = make_check(tmp_path)
+    check.environment_stage()
+    tool = check.environment["debugger"]
+    if tool is None:  # a sandbox without ptrace: the check then runs the diagnosis without a debugger
+        pytest.skip(f"the debugger cannot run programs here: {check.environment['debugger_refused']}")
 
     def outcome(code: str) -> str:
         done = subprocess.run(gpu_check.under_debugger(tool, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
