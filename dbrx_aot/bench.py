@@ -184,10 +184,10 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     results = {}
     init_from_env(dev)  # under torchrun: join its world before anything runs
     tp = world()[1]
+    isolated = isolate and tp == 1  # under torchrun each rank measures in its own process, in lock step
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
         args = (path, name, device, prompt_len, new_tokens, verify_checksums, options if name == "aoti" else {})
-        # Under torchrun each rank measures in its own process, in lock step with the others.
-        if isolate and tp == 1:
+        if isolated:
             result = run_isolated(f"the {name} runtime", bench_one, *args)
         else:
             result = bench_one(*args)
@@ -199,7 +199,7 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     config_src = load_manifest_or_none(path)
     return {"artifact": str(path), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp, "isolated": isolate and tp == 1,
+            "read_bandwidth_gb_s": read_limit / 1e9, "tp": tp, "isolated": isolated,
             "collective_ms_per_decode_step": collective_ms(path, dev) if tp > 1 else None,
             "shapes": config_src, "results": results}
 

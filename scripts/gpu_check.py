@@ -352,16 +352,15 @@ class Check:
         an error at the launch that caused it (CUDA_LAUNCH_BLOCKING), and a debugger, where there is
         one (cuda-gdb on the GPU image), prints the native stack of a crash. One line: how it ended."""
         env = {"AOTI_RUNTIME_CHECK_INPUTS": "1", "CUDA_LAUNCH_BLOCKING": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
-        tool = self.environment.get("debugger")
-        if tool is None:
-            rc, out = self.run(label, cmd, 300, env)
-            return "passed" if rc == 0 else f"exit {rc}: {last_line(out)}"
-        rc, out = self.run(f"{label} (under {Path(tool).name})", under_debugger(tool, cmd), 300, env)
-        outcome = debugged_outcome(out, rc)
-        if outcome.startswith("the debugger ended it"):  # it could not run the command (ptrace refused, say)
-            rc, out = self.run(label, cmd, 300, env)
-            return f"{'passed' if rc == 0 else f'exit {rc}: {last_line(out)}'} ({outcome})"
-        return outcome
+        tool, why = self.environment.get("debugger"), ""
+        if tool is not None:
+            rc, out = self.run(f"{label} (under {Path(tool).name})", under_debugger(tool, cmd), 300, env)
+            outcome = debugged_outcome(out, rc)
+            if not outcome.startswith("the debugger ended it"):
+                return outcome
+            why = f" ({outcome})"  # it could not run the command (ptrace refused, say): run it plainly
+        rc, out = self.run(label, cmd, 300, env)
+        return ("passed" if rc == 0 else f"exit {rc}: {last_line(out)}") + why
 
     def bench_stage(self) -> str:
         p = self.plan

@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import re
-import subprocess
 import sys
 
 import pytest
@@ -286,10 +285,9 @@ def test_the_debugger_names_the_native_frames_of_a_crash(tmp_path):
     if tool is None:  # a sandbox without ptrace: the check then runs the diagnosis without a debugger
         pytest.skip(f"the debugger cannot run programs here: {check.environment['debugger_refused']}")
 
-    def outcome(code: str) -> str:
-        done = subprocess.run(gpu_check.under_debugger(tool, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120)  # merged, as Check.run does
-        return gpu_check.debugged_outcome(done.stdout, done.returncode)
+    def outcome(code: str) -> str:  # through Check.run, as the diagnosis runs it
+        rc, out = check.run("debugged", gpu_check.under_debugger(tool, [sys.executable, "-c", code]), 120)
+        return gpu_check.debugged_outcome(out, rc)
 
     crash = outcome("import ctypes; ctypes.string_at(0)")
     assert re.fullmatch(r"died of SIGSEGV in \S+ \(.+\)( < .+)+", crash) and "string_at (_ctypes.c:" in crash
