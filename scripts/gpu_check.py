@@ -11,10 +11,12 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                build/wheels first (``make gpu-wheels``); skipped when already installed from here
   imports      what is missing, in one line
   exports      started in the background so that they compile while the tests run: the small
-               preset's artifact (checkpoint + export), and compile-only real-width slices (on
-               CUDA as many at once as their weights fit in the GPU's memory)
+               preset's artifact (checkpoint + export; on CUDA also its graphs compiled with
+               Inductor's reductions whole, for the diagnosis), and compile-only real-width
+               slices (on CUDA as many at once as their weights fit in the GPU's memory)
   tests        pytest -m gpu (outcomes read from its JUnit XML)
-  bench        small preset: eager vs aoti, aoti with CUDA graphs on and off
+  bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
+               run fails, verify under a debugger, and the graphs with reductions whole
   slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
                random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
                written or read)
@@ -92,6 +94,10 @@ TARGETS = [
 
 
 OPTIONAL_STAGES = ("tests", "bench", "slice")
+
+# Inductor's configuration variables that keep every reduction whole in one kernel (see
+# Check.bench_whole_reductions): read when torch._inductor.config is first imported.
+WHOLE_REDUCTIONS = ("TORCHINDUCTOR_SPLIT_REDUCTIONS=0", "TORCHINDUCTOR_ONLINE_SOFTMAX=0")
 
 
 def slice_runs(plan) -> list[tuple[int, str, str, str]]:
@@ -263,6 +269,12 @@ class Check:
                 self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), "--format", "aoti",
                          "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S), "--prefill-chunk", str(P),
                          "--force")])
+            if dev == "cuda":
+                # The same graphs with Inductor's reductions whole, for the diagnosis (bench_stage).
+                jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *self.cli(
+                    "export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
+                    "--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
+                    "--prefill-chunk", str(P), "--force")]])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
             for B, weights, attention, moe in slice_runs(p):
@@ -379,6 +391,9 @@ class Check:
             # input checks and a debugger's native stack. The first H200 run's aoti benches died unexplained.
             failed.append("verify aoti: " + self.diagnose("verify aoti (the aoti benches failed)", self.cli(
                 "verify", str(path), "--runtime", "aoti", "--device", self.device, "--steps", "8")))
+            whole = self.work / "bench-art-whole"
+            if (whole / "manifest.json").is_file():
+                failed.append(self.bench_whole_reductions(whole, lengths, reports))
         runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
         fig = {"preset": p.bench_preset, "dtype": p.dtype, "batch_size": 1, "prompt_len": p.bench_prompt_len,
                "new_tokens": p.bench_new_tokens,
@@ -394,6 +409,23 @@ class Check:
                 f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
                 f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
 
+    def bench_whole_reductions(self, path: Path, lengths: tuple[str, ...], reports: dict) -> str:
+        """The aoti bench on the graphs compiled with Inductor's reductions whole (no split reductions,
+        no online softmax), on random weights made on the device: one line, whether they ran. Why:
+        only the larger graphs of the first H200 run printed Inductor's "online softmax is disabled
+        ... split the reduction", and torch issue 174608 is an illegal memory access in such a
+        kernel. Where these run and the default graphs do not, the split reductions are the cause
+        and the exports' workaround is these variables."""
+        what = f"aoti with reductions whole ({' '.join(WHOLE_REDUCTIONS)} at export)"
+        try:
+            report = self.bench("bench aoti, reductions whole", path, "--runtime", "aoti", "--random-weights", "0",
+                                "--no-cuda-graphs", *lengths)
+        except StageFailed as err:
+            return f"{what}: failed too ({err})"
+        reports["aoti_reductions_whole"] = report
+        tok = report["results"]["aoti"]["decode_tokens_per_s"]
+        return f"{what}: ran, decode {tok:.1f} tok/s (so the split reductions are the cause)"
+
     def slice_stage(self) -> str:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
@@ -401,7 +433,7 @@ class Check:
         # The small preset's aoti benches all failed: if the first slice fails too, the rest would
         # fail alike, and the device minutes they would spend are better left for a rerun.
         bench_runs = self.figures.get("bench", {}).get("runs")
-        aoti_failed = bench_runs is not None and not any(name.startswith("aoti") for name in bench_runs)
+        aoti_failed = bench_runs is not None and not {"aoti", "aoti_no_cuda_graphs"} & set(bench_runs)
         for i, (B, weights, attention, moe) in enumerate(slice_runs(p)):
             name = slice_name(B, weights, attention, moe)
             if aoti_failed and i > 0 and not texts:
