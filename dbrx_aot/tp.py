@@ -221,11 +221,12 @@ def init_from_env(device: str | torch.device) -> None:
 
 def leave_world() -> None:
     """Destroy this process's groups, if it joined a world; ``init_from_env`` has it run at exit,
-    while the interpreter still runs (atexit), not later. Why (seen on torch 2.13 with gloo, about 1 run in 7 of ``torchrun ... bench``): gloo's
-    worker thread frees a finished work's tensors a moment after the caller's wait returns; where
-    Python has already dropped them, that needs the GIL; once the interpreter is finalizing, a
-    thread taking the GIL exits, and exiting through C++ frames aborts the rank ("terminate called
-    without an active exception"). Destroying the groups joins their worker threads first."""
+    while the interpreter still runs (atexit), not later. Why (seen on torch 2.13 with gloo, 3 of
+    20 runs of ``torchrun ... bench``): gloo's worker thread frees a finished work's tensors a
+    moment after the caller's wait returns; where Python has already dropped them, that needs the
+    GIL; once the interpreter is finalizing, a thread taking the GIL exits, and exiting through C++
+    frames aborts the rank ("terminate called without an active exception"). Destroying the groups
+    joins their worker threads first."""
     global _python_group
     if dist.is_initialized():
         _python_group = None

@@ -271,10 +271,10 @@ class Check:
                          "--force")])
             if dev == "cuda":
                 # The same graphs with Inductor's reductions whole, for the diagnosis (bench_stage).
-                jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *self.cli(
-                    "export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
-                    "--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
-                    "--prefill-chunk", str(P), "--force")]])
+                export = self.cli("export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
+                                  "--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
+                                  "--prefill-chunk", str(P), "--force")
+                jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *export]])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
             for B, weights, attention, moe in slice_runs(p):
