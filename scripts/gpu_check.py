@@ -414,8 +414,9 @@ class Check:
         no online softmax), on random weights made on the device: one line, whether they ran. Why:
         only the larger graphs of the first H200 run printed Inductor's "online softmax is disabled
         ... split the reduction", and torch issue 174608 is an illegal memory access in such a
-        kernel. Where these run and the default graphs do not, the split reductions are the cause
-        and the exports' workaround is these variables."""
+        kernel. Where these run and the default graphs do not, the split reductions are the likely
+        cause (the other difference, random weights, did not save the first run's slices) and these
+        variables at export the workaround."""
         what = f"aoti with reductions whole ({' '.join(WHOLE_REDUCTIONS)} at export)"
         try:
             report = self.bench("bench aoti, reductions whole", path, "--runtime", "aoti", "--random-weights", "0",
@@ -424,7 +425,7 @@ class Check:
             return f"{what}: failed too ({err})"
         reports["aoti_reductions_whole"] = report
         tok = report["results"]["aoti"]["decode_tokens_per_s"]
-        return f"{what}: ran, decode {tok:.1f} tok/s (so the split reductions are the cause)"
+        return f"{what}: ran, decode {tok:.1f} tok/s (the split reductions are the likely cause)"
 
     def slice_stage(self) -> str:
         p = self.plan
