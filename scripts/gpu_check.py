@@ -304,7 +304,7 @@ class Check:
         # Its own Inductor cache, so that the exports compile in parallel: exports sharing one take
         # turns (export.aoti.compile_lock; the slices' decode graphs are alike, and AOTInductor builds
         # a graph in <cache>/<hash of its code>/).
-        env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{name.replace(' ', '-')}")}
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / ("inductor-" + re.sub(r"[^\w.-]+", "-", name)))}
         with self.slice_slots if name.startswith("slice ") else contextlib.nullcontext():
             for cmd in commands:
                 rc, out = self.run(name, cmd, 480, env)
