@@ -234,17 +234,19 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
 
         def fake_bench_whole(label, path, *options):
             benched.append((label, path, options))
+            assert len(commands) == runs_before  # before verify: the deadline may cut what comes last
             if whole_runs and path == whole:
                 return {"copy_bandwidth_gb_s": 3000.0, "results": {"aoti": run}}
             return fake_bench(label, path, *options)
 
-        check.stages, check.bench = [], fake_bench_whole
+        check.stages, check.bench, runs_before = [], fake_bench_whole, len(commands)
         check.stage("bench", check.bench_stage)
+        assert len(commands) == runs_before + 1
         assert benched[-1][:2] == ("bench aoti, reductions whole", whole)
         assert {"--random-weights", "--no-cuda-graphs"} <= set(benched[-1][2])
         assert check.stages[0]["detail"].endswith(
             "; aoti with reductions whole (TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_ONLINE_SOFTMAX=0 at export): "
-            + said)
+            + said + "; verify aoti: passed")
         assert ("aoti_reductions_whole" in check.figures["bench"]["runs"]) == whole_runs
     # Then the slices (compiled as the default graphs): the first is tried (with and without CUDA
     # graphs); when it fails too, the others are not run, leaving the device minutes for a rerun.
