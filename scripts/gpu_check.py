@@ -387,9 +387,10 @@ class Check:
             except StageFailed as err:
                 failed.append(str(err))
         if failed and not any(name.startswith("aoti") for name in reports):
-            # Where does it break: verify runs the package on 8 decode steps beside eager, with the
-            # input checks and a debugger's native stack. The first H200 run's aoti benches died unexplained.
-            # The A/B first: where it runs, it names a workaround, and the deadline may cut what comes last.
+            # The first H200 run's aoti benches died unexplained. Whether the graphs with reductions
+            # whole run (first: where they run they name a workaround, and the deadline may cut what
+            # comes last); then where it breaks: verify runs the package on 8 decode steps beside
+            # eager, with the input checks and a debugger's native stack.
             whole = self.work / "bench-art-whole"
             if (whole / "manifest.json").is_file():
                 failed.append(self.bench_whole_reductions(whole, lengths, reports))
