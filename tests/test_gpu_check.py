@@ -221,7 +221,7 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
         ["verify", str(check.work / "bench-art"), "--runtime", "aoti", "--device", "cuda", "--steps", "8"]]
     assert check.stages[0]["detail"].endswith("died of SIGSEGV; verify aoti: passed")
     # With the graphs compiled with Inductor's reductions whole there (the CUDA exports make them),
-    # they are benched too: whether they run says whether the split reductions are the cause.
+    # they are benched too: whether they run says whether the split reductions are the likely cause.
     whole = check.work / "bench-art-whole"
     whole.mkdir()
     (whole / "manifest.json").write_text("{}")
