@@ -110,6 +110,12 @@ def slice_runs(plan) -> list[tuple[int, str, str, str]]:
             + [(B, "int8", "auto", "auto"), (B, "same", "sdpa", "auto"), (B, "same", "auto", "grouped")])
 
 
+def default_aoti_ran(runs: dict) -> bool:
+    """Whether one of the small preset's aoti benches on its default graphs (CUDA graphs on or off)
+    ran; the graphs with reductions whole (``aoti_reductions_whole``) are a diagnosis, not one."""
+    return bool({"aoti", "aoti_no_cuda_graphs"} & set(runs))
+
+
 def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
     return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
             + ("" if attention == "auto" else f"-{attention}") + ("" if moe == "auto" else f"-{moe}"))
@@ -263,17 +269,16 @@ class Check:
         jobs = {}
         if "bench" in self.stages_chosen:
             S, P = p.bench_shapes
+            graphs = ("--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
+                      "--prefill-chunk", str(P), "--force")
             jobs["bench artifact"] = (w / "bench-art", [
                 self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
                          "--force"),
-                self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), "--format", "aoti",
-                         "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S), "--prefill-chunk", str(P),
-                         "--force")])
+                self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), *graphs)])
             if dev == "cuda":
                 # The same graphs with Inductor's reductions whole, for the diagnosis (bench_stage).
                 export = self.cli("export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
-                                  "--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
-                                  "--prefill-chunk", str(P), "--force")
+                                  *graphs)
                 jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *export]])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
@@ -386,7 +391,7 @@ class Check:
                 reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
             except StageFailed as err:
                 failed.append(str(err))
-        if failed and not any(name.startswith("aoti") for name in reports):
+        if failed and not default_aoti_ran(reports):
             # The first H200 run's aoti benches died unexplained. Whether the graphs with reductions
             # whole run (first: where they run they name a workaround, and the deadline may cut what
             # comes last); then where it breaks: verify runs the package on 8 decode steps beside
@@ -436,7 +441,7 @@ class Check:
         # The small preset's aoti benches all failed: if the first slice fails too, the rest would
         # fail alike, and the device minutes they would spend are better left for a rerun.
         bench_runs = self.figures.get("bench", {}).get("runs")
-        aoti_failed = bench_runs is not None and not {"aoti", "aoti_no_cuda_graphs"} & set(bench_runs)
+        aoti_failed = bench_runs is not None and not default_aoti_ran(bench_runs)
         for i, (B, weights, attention, moe) in enumerate(slice_runs(p)):
             name = slice_name(B, weights, attention, moe)
             if aoti_failed and i > 0 and not texts:
