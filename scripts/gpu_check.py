@@ -15,6 +15,10 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                Inductor's reductions whole, for the diagnosis), and compile-only real-width
                slices (on CUDA as many at once as their weights fit in the GPU's memory)
   tests        pytest -m gpu (outcomes read from its JUnit XML)
+  load probe   in the background beside the tests: whether an AOTInductor package loads in a fresh
+               process (scripts/aoti_load_probe.py): a two-layer MLP's packages, the small preset's
+               decode.pt2 plainly, after warm-ups and under a debugger (on the H200 every fresh load
+               of a dbrx-aot CUDA package died of SIGSEGV inside AOTInductor's loader)
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
                run fails, verify under a debugger, and the graphs with reductions whole
   slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
@@ -93,7 +97,10 @@ TARGETS = [
 ]
 
 
-OPTIONAL_STAGES = ("tests", "bench", "slice")
+OPTIONAL_STAGES = ("tests", "probe", "bench", "slice")
+PROBE = ROOT / "scripts" / "aoti_load_probe.py"
+# The load probe stops a debugged load once, this long after its call, to see where a slow load spends its time.
+PROBE_INTERRUPT_S = 20
 
 # Inductor's configuration variables that keep every reduction whole in one kernel (see
 # Check.bench_whole_reductions): read when torch._inductor.config is first imported.
@@ -342,6 +349,70 @@ class Check:
             raise StageFailed(f"{text} (pytest exit {rc})")
         return text
 
+    def load_probe(self, bench_export) -> dict[str, str]:
+        """Whether an AOTInductor package loads in a process that did not compile it: variant -> one
+        line (``ok: ...``, or how and when it died). A two-layer MLP's packages (weights in the .so,
+        and bound at load as dbrx-aot binds them), then, once ``bench_export`` (the small preset's
+        artifact) is built, its decode.pt2 plainly, after two warm-ups (Inductor having run a kernel;
+        AOTInductor having compiled a package: the state of the process that compiled it, which
+        loads it), without the CPU ISA check (where the ~45 s before the crash may go), and under
+        the debugger (stopped once after PROBE_INTERRUPT_S, then to its end)."""
+        d, dev = self.work / "probe", self.device
+        probe = [self.python, str(PROBE)]
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
+        variants: dict[str, list[str]] = {}
+        outcomes: dict[str, str] = {}
+        rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300, cache)
+        if rc:
+            outcomes["mlp"] = f"not built: exit {rc}: {last_line(out)}"
+        else:
+            for name, what in (("linear-in-so", "weights in the .so"),
+                               ("linear-user-constants", "weights bound at load, as dbrx-aot's")):
+                variants[f"mlp, {what}"] = probe + ["load", str(d / f"{name}.pt2"), "--device", dev,
+                                                    "--reference", str(d / "linear.pt")]
+        ok, _, why = bench_export.result() if bench_export is not None else (False, 0, "--stages without bench")
+        decode = self.work / "bench-art" / "aoti" / "decode.pt2"
+        if not ok or not decode.is_file():
+            outcomes["decode.pt2"] = f"not run (the bench artifact: {why})"
+        else:
+            load = probe + ["load", str(decode), "--device", dev]
+            variants["decode.pt2"] = load
+            variants["decode.pt2 after torch.compile ran a kernel"] = load + ["--warm", "compile"]
+            variants["decode.pt2 after an AOTInductor compile"] = load + ["--warm", "aoti-compile"]
+            variants["decode.pt2 without Inductor's CPU ISA build check"] = load
+            tool = self.environment.get("debugger")
+            if tool is not None:
+                variants[f"decode.pt2 under {Path(tool).name}"] = under_debugger(
+                    tool, load + ["--interrupt-after", str(PROBE_INTERRUPT_S)], stops=2)
+
+        def one(name: str) -> str:
+            started = time.monotonic()
+            env = dict(cache)
+            if name == "decode.pt2":  # the loader's own log lines (extraction, with times)
+                env["TORCH_CPP_LOG_LEVEL"] = "INFO"
+            if "ISA" in name:
+                # The loader's device check (get_device_information) builds and loads a test library per
+                # CPU ISA, each in a python that imports torch (cpu_vec_isa.check_build): ~10 s apiece there?
+                env["TORCHINDUCTOR_VEC_ISA_OK"] = "1"
+            rc, out = self.run(f"load probe: {name}", variants[name], 240, env)
+            if " under " in name:
+                return debugged_probe(out, rc)
+            return probe_outcome(out, rc, time.monotonic() - started)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(variants))) as pool:
+            lines = dict(zip(variants, pool.map(one, variants)))
+        outcomes.update(lines)
+        self.say("load probe: " + "; ".join(f"{k}: {v}" for k, v in outcomes.items()))
+        return outcomes
+
+    def load_probe_stage(self, probe) -> str:
+        outcomes = probe.result()
+        self.figures["load_probe"] = outcomes
+        text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
+        if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
+            raise StageFailed(text)
+        return text
+
     def bench(self, label: str, path: Path, *options: str) -> dict:
         """One ``bench --json`` run. Where its measuring process dies (bench spawns one per runtime;
         the first H200 run's aoti ones died unexplained), once more in the CLI's own process
@@ -484,12 +555,15 @@ class Check:
         self.slice_slots = threading.BoundedSemaphore(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
+            probe = pool.submit(self.load_probe, futures.get("bench artifact")) if "probe" in self.stages_chosen else None
             if "tests" in self.stages_chosen:
                 self.stage("tests", self.tests_stage)
+            if probe is not None:
+                self.stage("load probe", self.load_probe_stage, probe)
             if jobs:
                 self.stage("exports", self.exports_stage, futures)
         for name, fn in (("bench", self.bench_stage), ("slice", self.slice_stage)):
@@ -544,11 +618,12 @@ def debugger() -> str | None:
     return shutil.which("gdb") or shutil.which("cuda-gdb")
 
 
-def under_debugger(tool: str, cmd: list[str]) -> list[str]:
-    """``cmd`` run by the debugger in batch mode: a crash stops it, and its native stack is printed."""
+def under_debugger(tool: str, cmd: list[str], stops: int = 1) -> list[str]:
+    """``cmd`` run by the debugger in batch mode: a crash stops it, and its native stack is printed;
+    with ``stops`` > 1 it is continued after each stop (a SIGTRAP the command sends itself, say)."""
     return [tool, "-q", "-nx", "-batch", "-ex", "set pagination off",
             "-ex", "handle SIGPIPE SIGUSR1 SIGUSR2 nostop noprint pass",
-            "-ex", "run", "-ex", "bt 30", "--args", *cmd]
+            "-ex", "run", "-ex", "bt 30", *["-ex", "continue", "-ex", "bt 30"] * (stops - 1), "--args", *cmd]
 
 
 def debugged_outcome(out: str, rc: int) -> str:
@@ -563,6 +638,42 @@ def debugged_outcome(out: str, rc: int) -> str:
     if ended:  # gdb writes the exit code in octal
         return "passed" if ended[1] == "normally" else f"exit {int(ended[2], 8)}: {last_line(out[:ended.start()])}"
     return f"the debugger ended it (exit {rc}): {last_line(out)}"
+
+
+def debugged_stops(out: str, frames: int = 10) -> list[str]:
+    """Each stop of a command under the debugger: its signal and its innermost native frames."""
+    parts = re.split(r"received signal (SIG\w+)", out)
+    stops = []
+    for sig, after in zip(parts[1::2], parts[2::2]):
+        names = [native_frame(line.strip()) for line in after.splitlines() if re.match(r"#\d+ ", line.strip())]
+        stops.append(sig + (" in " + " < ".join(names[:frames]) if names else ""))
+    return stops
+
+
+def probe_outcome(out: str, rc: int, seconds: float) -> str:
+    """One load probe's line: ``ok`` and the times of its steps after the warm-up, or how it ended
+    and its last step (the probe prints ``probe <t> s: <step>`` as it goes)."""
+    steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
+    done = "; ".join(f"{step} at {t} s" for t, step in steps if not step.startswith(("torch ", "warm-up", "the loader's")))
+    check = [t for t, step in steps if step.startswith("the loader's device check")]
+    if rc == 0:
+        return f"ok: {done}" + (f" (its device check done at {check[0]} s)" if check else "")
+    end = ("killed at its time limit" if rc == -9 else f"died of {signal.Signals(-rc).name}" if rc < 0
+           else f"exit {rc}: {last_line(out)}")
+    last = f"{steps[-1][1]} at {steps[-1][0]} s" if steps else "before its first step"
+    return f"{end} {seconds:.0f} s into the command (last step: {last})"
+
+
+def debugged_probe(out: str, rc: int) -> str:
+    """A load probe under the debugger: where each stop was (the probe's own SIGTRAP, a crash), and
+    how it ended."""
+    stops = debugged_stops(out)
+    ended = re.search(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]", out)
+    end = ("exited normally" if ended and ended[1] == "normally" else f"exit {int(ended[2], 8)}" if ended
+           else f"the debugger ended (exit {rc}): {last_line(out)}" if not stops else "")
+    said = [f"stopped by the probe's {s}" if s.startswith("SIGTRAP") else f"died of {s}" for s in stops]
+    text = "; then ".join(said + ([end] if end else []))
+    return ("passed: " if ended and ended[1] == "normally" else "") + text
 
 
 def native_frame(line: str) -> str:
@@ -656,6 +767,10 @@ def format_summary(s: dict) -> str:
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
                          f"{number(r.get('read_bandwidth_gb_s'), '.0f')} | {number(r.get('fraction_of_read_limit'), '.1%')} | "
                          f"{r['prefill_tokens_per_s']:.0f} ({r['prompt_len']}) |")
+    if "load_probe" in fig:
+        lines += ["", "## Load probe: an AOTInductor package loaded by a process that did not compile it", "",
+                  "| package, how | outcome |", "| --- | --- |"]
+        lines += [f"| {name} | {line} |" for name, line in fig["load_probe"].items()]
     if "in_process" in fig:
         lines += ["", f"Note: {fig['in_process']}."]
     if "exports_s" in fig:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,13 +34,23 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
         print(*(f"{s['name']}: {s['detail']}" for s in failed), *failed_commands((out / "log.txt").read_text()),
               proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
     assert proc.returncode == 0 and not failed, [s["name"] for s in failed]
-    assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "exports",
-                                                       "bench", "slice"]
+    assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "load probe",
+                                                       "exports", "bench", "slice"]
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest.xml", "summary.json", "summary.md"]
     # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
     names = {t["name"] for t in summary["tests"]}
     assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16]" in names and len(names) >= 8
     assert all(t["outcome"] == "skipped" and "no CUDA device" in t["message"] for t in summary["tests"])
+    # The load probe: each package loaded by a fresh process, the MLP's run against eager.
+    probe = summary["figures"]["load_probe"]
+    assert {"mlp, weights in the .so", "mlp, weights bound at load, as dbrx-aot's", "decode.pt2",
+            "decode.pt2 after torch.compile ran a kernel", "decode.pt2 after an AOTInductor compile"} <= set(probe)
+    assert all(re.fullmatch(r"ok: loaded: \d+ constants at .*\(its device check done at [\d.]+ s\)", line)
+               for name, line in probe.items() if " under " not in name), probe
+    assert all("ran: matches eager" in line for name, line in probe.items() if name.startswith("mlp")), probe
+    if summary["environment"]["debugger"]:
+        assert probe[f"decode.pt2 under {Path(summary['environment']['debugger']).name}"].startswith("passed")
+    assert "## Load probe" in (out / "summary.md").read_text()
     bench = summary["figures"]["bench"]
     assert set(bench["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
     assert all(r["decode_tokens_per_s"] > 0 and r["cuda_graphs"] is False for r in bench["runs"].values())
@@ -325,3 +336,28 @@ def test_the_debugger_names_the_native_frames_of_a_crash(tmp_path):
     assert re.fullmatch(r"died of SIGSEGV in \S+ \(.+\)( < .+)+", crash) and "string_at (_ctypes.c:" in crash
     assert outcome("import sys; sys.exit('error: no such file')") == "exit 1: error: no such file"
     assert outcome("print('fine')") == "passed"
+
+
+def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
+    """A probe's line: its steps' times when it loaded; how it ended and its last step when it did
+    not; under the debugger, the native frames of its own SIGTRAP (where a slow load spends its
+    time) and of the crash after it."""
+    steps = "probe     2.0 s: torch 2.11.0+cu130 imported\nprobe     2.1 s: warm-up none done\n"
+    steps += "probe    41.9 s: the loader's device check done\n"
+    assert gpu_check.probe_outcome(steps + "probe    43.5 s: loaded: 4 constants\nprobe    43.6 s: ran: matches eager\n",
+                                   0, 44.0) == ("ok: loaded: 4 constants at 43.5 s; ran: matches eager at 43.6 s "
+                                                "(its device check done at 41.9 s)")
+    assert gpu_check.probe_outcome(steps + "Fatal Python error: Segmentation fault\n", -11, 47.2) == (
+        "died of SIGSEGV 47 s into the command (last step: the loader's device check done at 41.9 s)")
+    assert gpu_check.probe_outcome("(killed after 240 s)", -9, 240.0).startswith("killed at its time limit 240 s")
+    debugged = (steps + 'Thread 1 "python3" received signal SIGTRAP, Trace/breakpoint trap.\n'
+                "#0  0x00007f in __GI___poll (fds=0x1) at ../sysdeps/poll.c:29\n"
+                "#1  0x00007f in torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader () from /x/libtorch_cpu.so\n"
+                'Thread 1 "python3" received signal SIGSEGV, Segmentation fault.\n'
+                "#0  0x00007f in AOTInductorModelContainerCreateWithDevice () from /tmp/abc/model.wrapper.so\n")
+    assert gpu_check.debugged_probe(debugged, 0) == (
+        "stopped by the probe's SIGTRAP in __GI___poll (poll.c:29) < "
+        "torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader (libtorch_cpu.so); "
+        "then died of SIGSEGV in AOTInductorModelContainerCreateWithDevice (model.wrapper.so)")
+    assert gpu_check.debugged_probe(steps + "[Inferior 1 (process 7) exited normally]\n", 0) == "passed: exited normally"
+    assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]

@@ -1,0 +1,148 @@
+"""Does an AOTInductor package load in a process that did not compile it? The pieces of the GPU
+check's load probe (scripts/gpu_check.py runs them; so can you).
+
+    python scripts/aoti_load_probe.py build DIR --device cuda
+    python scripts/aoti_load_probe.py load DIR/linear-in-so.pt2 --device cuda --reference DIR/linear.pt
+
+Why: on the H200 (torch 2.11.0+cu130), every CUDA package of dbrx-aot died of SIGSEGV inside
+``AOTIModelPackageLoader``'s constructor when a fresh process loaded it (``verify``, ``bench``,
+``serve``, a bare ``python3 -c "aoti_load_package(...)"`` with or without CUDA initialised first),
+about 45 s after the call, while the process that had compiled it loaded and ran it. ``build``
+compiles a two-layer MLP twice, with the weights in the .so (torch's default) and kept out of it
+as dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one package in a fresh
+process after an optional warm-up, prints each step's time, and where it has a reference, runs it
+against eager. Which of these die says whether it is dbrx-aot's graphs, its options, or AOTInductor
+on that machine, and which warm-up (if any) is a workaround.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# What a loading process may do first, in a fresh process, before it loads the package.
+WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile")
+
+
+def mlp(device: str):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).to(device)
+    return model.eval(), torch.randn(4, 64, device=device)
+
+
+def compile_mlp(path: Path, device: str, configs: dict) -> None:
+    import torch
+    import torch._inductor
+
+    model, x = mlp(device)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+
+
+def build(out: Path, device: str) -> None:
+    """linear-in-so.pt2 (weights in the .so), linear-user-constants.pt2 (dbrx-aot's options: the
+    weights bound at load), and linear.pt (the input, eager's output and the weights)."""
+    import torch
+
+    from dbrx_aot.export.aoti import INDUCTOR_CONFIGS
+
+    out.mkdir(parents=True, exist_ok=True)
+    compile_mlp(out / "linear-in-so.pt2", device, {})
+    compile_mlp(out / "linear-user-constants.pt2", device, INDUCTOR_CONFIGS)
+    model, x = mlp(device)
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"x": x.cpu(), "expected": expected.cpu(),
+                "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, out / "linear.pt")
+
+
+def warm_up(how: str, device: str) -> None:
+    """The process state a compile leaves behind, in steps: a CUDA context (``cuda-tensor``), Inductor
+    and Triton having compiled and run a kernel (``compile``), AOTInductor having compiled a package
+    (``aoti-compile``, as the process that compiled dbrx-aot's package had)."""
+    import torch
+
+    if how == "cuda-tensor":
+        torch.zeros(1, device=device).add_(1)
+    elif how == "compile":
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(8, device=device))
+    elif how == "aoti-compile":
+        with tempfile.TemporaryDirectory() as tmp:
+            compile_mlp(Path(tmp) / "warm.pt2", device, {})
+
+
+def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float) -> None:
+    t0 = time.monotonic()
+
+    def say(step: str) -> None:
+        print(f"probe {time.monotonic() - t0:7.1f} s: {step}", flush=True)
+
+    # Where a slow step spends its time: every thread's Python stack, every 15 s.
+    faulthandler.dump_traceback_later(15, repeat=True)
+    import torch
+    import torch._inductor
+
+    say(f"torch {torch.__version__} imported")
+    warm_up(warm, device)
+    say(f"warm-up {warm} done")
+    # The loader's first step, timed on its own: its device check builds and loads a test library
+    # per CPU ISA, each in a new python that imports torch (torch._inductor.cpu_vec_isa).
+    from torch._inductor.codecache import get_device_information
+
+    get_device_information(torch.device(device).type)
+    say("the loader's device check done")
+    timer = None
+    if interrupt_after > 0:  # under a debugger: stop the main thread once, so that its native stack is printed
+        main = threading.main_thread().ident
+        timer = threading.Timer(interrupt_after, lambda: signal.pthread_kill(main, signal.SIGTRAP))
+        timer.daemon = True
+        timer.start()
+    runner = torch._inductor.aoti_load_package(str(package))
+    if timer is not None:
+        timer.cancel()
+    say(f"loaded: {len(runner.get_constant_fqns())} constants")
+    if reference is not None:
+        ref = torch.load(reference)
+        fqns = runner.get_constant_fqns()
+        if fqns and "user-constants" in package.name:
+            runner.load_constants({f: ref["weights"][f].to(device) for f in fqns}, check_full_update=True,
+                                  user_managed=True)
+        with torch.no_grad():
+            got = runner(ref["x"].to(device))
+        torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
+        say("ran: matches eager")
+    faulthandler.cancel_dump_traceback_later()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the MLP's two packages and its reference into DIR")
+    b.add_argument("dir", type=Path)
+    b.add_argument("--device", default="cuda")
+    ld = sub.add_parser("load", help="load one package in this (fresh) process")
+    ld.add_argument("package", type=Path)
+    ld.add_argument("--device", default="cuda")
+    ld.add_argument("--warm", choices=WARM_UPS, default="none")
+    ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
+    ld.add_argument("--interrupt-after", type=float, default=0.0,
+                    help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.dir, args.device)
+    else:
+        load(args.package, args.device, args.warm, args.reference, args.interrupt_after)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
