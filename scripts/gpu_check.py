@@ -362,7 +362,8 @@ class Check:
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
         variants: dict[str, list[str]] = {}
         outcomes: dict[str, str] = {}
-        rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300, cache)
+        rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300,
+                           cache)
         if rc:
             outcomes["mlp"] = f"not built: exit {rc}: {last_line(out)}"
         else:
@@ -559,7 +560,8 @@ class Check:
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
-            probe = pool.submit(self.load_probe, futures.get("bench artifact")) if "probe" in self.stages_chosen else None
+            probe = (pool.submit(self.load_probe, futures.get("bench artifact")) if "probe" in self.stages_chosen
+                     else None)
             if "tests" in self.stages_chosen:
                 self.stage("tests", self.tests_stage)
             if probe is not None:
@@ -654,7 +656,8 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
     """One load probe's line: ``ok`` and the times of its steps after the warm-up, or how it ended
     and its last step (the probe prints ``probe <t> s: <step>`` as it goes)."""
     steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
-    done = "; ".join(f"{step} at {t} s" for t, step in steps if not step.startswith(("torch ", "warm-up", "the loader's")))
+    done = "; ".join(f"{step} at {t} s" for t, step in steps
+                     if not step.startswith(("torch ", "warm-up", "the loader's")))
     check = [t for t, step in steps if step.startswith("the loader's device check")]
     if rc == 0:
         return f"ok: {done}" + (f" (its device check done at {check[0]} s)" if check else "")

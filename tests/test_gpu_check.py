@@ -344,20 +344,22 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
     time) and of the crash after it."""
     steps = "probe     2.0 s: torch 2.11.0+cu130 imported\nprobe     2.1 s: warm-up none done\n"
     steps += "probe    41.9 s: the loader's device check done\n"
-    assert gpu_check.probe_outcome(steps + "probe    43.5 s: loaded: 4 constants\nprobe    43.6 s: ran: matches eager\n",
-                                   0, 44.0) == ("ok: loaded: 4 constants at 43.5 s; ran: matches eager at 43.6 s "
-                                                "(its device check done at 41.9 s)")
+    loaded = steps + "probe    43.5 s: loaded: 4 constants\nprobe    43.6 s: ran: matches eager\n"
+    assert gpu_check.probe_outcome(loaded, 0, 44.0) == (
+        "ok: loaded: 4 constants at 43.5 s; ran: matches eager at 43.6 s (its device check done at 41.9 s)")
     assert gpu_check.probe_outcome(steps + "Fatal Python error: Segmentation fault\n", -11, 47.2) == (
         "died of SIGSEGV 47 s into the command (last step: the loader's device check done at 41.9 s)")
     assert gpu_check.probe_outcome("(killed after 240 s)", -9, 240.0).startswith("killed at its time limit 240 s")
     debugged = (steps + 'Thread 1 "python3" received signal SIGTRAP, Trace/breakpoint trap.\n'
                 "#0  0x00007f in __GI___poll (fds=0x1) at ../sysdeps/poll.c:29\n"
-                "#1  0x00007f in torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader () from /x/libtorch_cpu.so\n"
+                "#1  0x00007f in torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader () "
+                "from /x/libtorch_cpu.so\n"
                 'Thread 1 "python3" received signal SIGSEGV, Segmentation fault.\n'
                 "#0  0x00007f in AOTInductorModelContainerCreateWithDevice () from /tmp/abc/model.wrapper.so\n")
     assert gpu_check.debugged_probe(debugged, 0) == (
         "stopped by the probe's SIGTRAP in __GI___poll (poll.c:29) < "
         "torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader (libtorch_cpu.so); "
         "then died of SIGSEGV in AOTInductorModelContainerCreateWithDevice (model.wrapper.so)")
-    assert gpu_check.debugged_probe(steps + "[Inferior 1 (process 7) exited normally]\n", 0) == "passed: exited normally"
+    exited = steps + "[Inferior 1 (process 7) exited normally]\n"
+    assert gpu_check.debugged_probe(exited, 0) == "passed: exited normally"
     assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]
