@@ -3,6 +3,7 @@ check's load probe (scripts/gpu_check.py runs them; so can you).
 
     python scripts/aoti_load_probe.py build DIR --device cuda
     python scripts/aoti_load_probe.py load DIR/linear-in-so.pt2 --device cuda --reference DIR/linear.pt
+    python scripts/aoti_load_probe.py run --warm aoti-compile -- --quiet bench ART --runtime aoti --in-process
 
 Why: on the H200 (torch 2.11.0+cu130), every CUDA package of dbrx-aot died of SIGSEGV inside
 ``AOTIModelPackageLoader``'s constructor when a fresh process loaded it (``verify``, ``bench``,
@@ -12,7 +13,9 @@ compiles a two-layer MLP twice, with the weights in the .so (torch's default) an
 as dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one package in a fresh
 process after an optional warm-up, prints each step's time, and where it has a reference, runs it
 against eager. Which of these die says whether it is dbrx-aot's graphs, its options, or AOTInductor
-on that machine, and which warm-up (if any) is a workaround.
+on that machine, and which warm-up (if any) is a workaround. ``run`` is that workaround applied:
+a warm-up, then the dbrx-aot CLI in the same process (the GPU check measures with it where a plain
+fresh process cannot load a package and a warm-up let one).
 """
 
 from __future__ import annotations
@@ -136,8 +139,17 @@ def main() -> int:
     ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
     ld.add_argument("--interrupt-after", type=float, default=0.0,
                     help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
+    r = sub.add_parser("run", help="warm up, then run the dbrx-aot CLI (the arguments after --) in this process")
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--warm", choices=WARM_UPS, default="none")
+    r.add_argument("cli", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    if args.command == "build":
+    if args.command == "run":
+        warm_up(args.warm, args.device)
+        from dbrx_aot.cli import cli
+
+        cli.main(args=args.cli[1:] if args.cli[:1] == ["--"] else args.cli, prog_name="dbrx-aot")
+    elif args.command == "build":
         build(args.dir, args.device)
     else:
         load(args.package, args.device, args.warm, args.reference, args.interrupt_after)

@@ -101,6 +101,11 @@ OPTIONAL_STAGES = ("tests", "probe", "bench", "slice")
 PROBE = ROOT / "scripts" / "aoti_load_probe.py"
 # The load probe stops a debugged load once, this long after its call, to see where a slow load spends its time.
 PROBE_INTERRUPT_S = 20
+# The load probe's ways of loading decode.pt2 in a fresh process that may work around a plain load
+# that dies, in the order the benches try them: (its line's name, the warm-up, the environment).
+LOAD_WORKAROUNDS = (("decode.pt2 without Inductor's CPU ISA build check", "none", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}),
+                    ("decode.pt2 after torch.compile ran a kernel", "compile", {}),
+                    ("decode.pt2 after an AOTInductor compile", "aoti-compile", {}))
 
 # Inductor's configuration variables that keep every reduction whole in one kernel (see
 # Check.bench_whole_reductions): read when torch._inductor.config is first imported.
@@ -149,6 +154,10 @@ class Check:
         self.reuse_exports = args.reuse_exports
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
         self.in_process = False  # a bench's measuring process died: later benches measure in the CLI's process
+        # Set by the load probe: why a plain fresh process cannot load a package, and the first of
+        # LOAD_WORKAROUNDS that let one (the aoti commands then go through it).
+        self.fresh_load_fails: str | None = None
+        self.workaround: tuple[str, str, dict[str, str]] | None = None
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
@@ -361,6 +370,7 @@ class Check:
         probe = [self.python, str(PROBE)]
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
         variants: dict[str, list[str]] = {}
+        envs: dict[str, dict[str, str]] = {}
         outcomes: dict[str, str] = {}
         rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300,
                            cache)
@@ -377,10 +387,11 @@ class Check:
             outcomes["decode.pt2"] = f"not run (the bench artifact: {why})"
         else:
             load = probe + ["load", str(decode), "--device", dev]
+            # With the loader's own log lines (extraction, with times).
             variants["decode.pt2"] = load
-            variants["decode.pt2 after torch.compile ran a kernel"] = load + ["--warm", "compile"]
-            variants["decode.pt2 after an AOTInductor compile"] = load + ["--warm", "aoti-compile"]
-            variants["decode.pt2 without Inductor's CPU ISA build check"] = load
+            envs["decode.pt2"] = {"TORCH_CPP_LOG_LEVEL": "INFO"}
+            for name, warm, env in LOAD_WORKAROUNDS:
+                variants[name], envs[name] = load + ["--warm", warm], env
             tool = self.environment.get("debugger")
             if tool is not None:
                 variants[f"decode.pt2 under {Path(tool).name}"] = under_debugger(
@@ -388,14 +399,7 @@ class Check:
 
         def one(name: str) -> str:
             started = time.monotonic()
-            env = dict(cache)
-            if name == "decode.pt2":  # the loader's own log lines (extraction, with times)
-                env["TORCH_CPP_LOG_LEVEL"] = "INFO"
-            if "ISA" in name:
-                # The loader's device check (get_device_information) builds and loads a test library per
-                # CPU ISA, each in a python that imports torch (cpu_vec_isa.check_build): ~10 s apiece there?
-                env["TORCHINDUCTOR_VEC_ISA_OK"] = "1"
-            rc, out = self.run(f"load probe: {name}", variants[name], 240, env)
+            rc, out = self.run(f"load probe: {name}", variants[name], 240, {**cache, **envs.get(name, {})})
             if " under " in name:
                 return debugged_probe(out, rc)
             return probe_outcome(out, rc, time.monotonic() - started)
@@ -409,6 +413,14 @@ class Check:
     def load_probe_stage(self, probe) -> str:
         outcomes = probe.result()
         self.figures["load_probe"] = outcomes
+        plain = outcomes.get("decode.pt2", "")
+        if plain and not plain.startswith(("ok", "not run")):
+            self.fresh_load_fails = plain
+            self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
+            self.figures["workaround"] = (
+                f"a fresh process could not load decode.pt2 ({plain}); "
+                + ("no way the load probe tried let one: the aoti benches were not run" if self.workaround is None
+                   else f"the aoti commands ran in the CLI's own process the way that let one: {self.workaround[0]}"))
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
             raise StageFailed(text)
@@ -419,6 +431,13 @@ class Check:
         the first H200 run's aoti ones died unexplained), once more in the CLI's own process
         (``--in-process``), and so every later bench: the figures, and whether the spawned process
         was what died."""
+        if "aoti" in options and self.workaround is not None:
+            cmd, env = self.aoti_command("bench", str(path), "--device", self.device, "--json", *options)
+            rc, out = self.run(f"{label} ({self.workaround[0].removeprefix('decode.pt2 ')})", cmd, 300, env)
+            if rc:
+                raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
+            lines = out.splitlines()
+            return json.loads("\n".join(lines[lines.index("{"):]))
         cmd = self.cli("bench", str(path), "--device", self.device, "--json", *options)
         rc, out = self.run(label, cmd + ["--in-process"] * self.in_process, 300)
         if rc and not self.in_process and "its process died" in out:
@@ -435,12 +454,22 @@ class Check:
         lines = out.splitlines()  # the JSON report starts at a line "{" (json.dumps indent=2)
         return json.loads("\n".join(lines[lines.index("{"):]))
 
+    def aoti_command(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """A CLI command that loads a package, through the load probe's workaround: its warm-up, then
+        the CLI in that same process (``--in-process``: bench's own measuring process would be fresh)."""
+        _, warm, env = self.workaround
+        cmd = [self.python, str(PROBE), "run", "--device", self.device, "--warm", warm, "--", "--quiet", *args]
+        return cmd + ["--in-process"] * (args[0] == "bench"), env
+
     def diagnose(self, label: str, cmd: list[str]) -> str:
         """Run a command that may crash in compiled code with every check the libraries offer: AOTInductor
         checks each input's dtype, shape, strides and device (AOTI_RUNTIME_CHECK_INPUTS), CUDA reports
         an error at the launch that caused it (CUDA_LAUNCH_BLOCKING), and a debugger, where there is
         one (cuda-gdb on the GPU image), prints the native stack of a crash. One line: how it ended."""
         env = {"AOTI_RUNTIME_CHECK_INPUTS": "1", "CUDA_LAUNCH_BLOCKING": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
+        if self.workaround is not None:
+            cmd, through = self.aoti_command(*cmd[cmd.index("--quiet") + 1:])
+            env.update(through)
         tool, why = self.environment.get("debugger"), ""
         if tool is not None:
             rc, out = self.run(f"{label} (under {Path(tool).name})", under_debugger(tool, cmd), 300, env)
@@ -457,13 +486,17 @@ class Check:
         lengths = ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens))
         # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
         reports, failed = {}, []
-        for name, options in (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
-                              ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs"))):
+        runs = (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
+                ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs")))
+        if self.cannot_load():
+            runs = runs[:1]
+            failed.append(f"aoti: not run: {self.cannot_load()}")
+        for name, options in runs:
             try:
                 reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
             except StageFailed as err:
                 failed.append(str(err))
-        if failed and not default_aoti_ran(reports):
+        if failed and not default_aoti_ran(reports) and not self.cannot_load():
             # The first H200 run's aoti benches died unexplained. Whether the graphs with reductions
             # whole run (first: where they run they name a workaround, and the deadline may cut what
             # comes last); then where it breaks: verify runs the package on 8 decode steps beside
@@ -488,6 +521,13 @@ class Check:
                 f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
                 f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
 
+    def cannot_load(self) -> str | None:
+        """Why no aoti command is worth running here: a fresh process cannot load a package and no
+        way the load probe tried let one (their minutes are left for a rerun)."""
+        if self.fresh_load_fails is None or self.workaround is not None:
+            return None
+        return "a fresh process cannot load a package (load probe), and no warm-up it tried let one"
+
     def bench_whole_reductions(self, path: Path, lengths: tuple[str, ...], reports: dict) -> str:
         """The aoti bench on the graphs compiled with Inductor's reductions whole (no split reductions,
         no online softmax), on random weights made on the device: one line, whether they ran. Why:
@@ -509,6 +549,8 @@ class Check:
     def slice_stage(self) -> str:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
+        if self.cannot_load():
+            raise StageFailed(f"not run: {self.cannot_load()}")
         texts, failed = [], []
         # The small preset's aoti benches all failed: if the first slice fails too, the rest would
         # fail alike, and the device minutes they would spend are better left for a rerun.
@@ -776,6 +818,8 @@ def format_summary(s: dict) -> str:
         lines += [f"| {name} | {line} |" for name, line in fig["load_probe"].items()]
     if "in_process" in fig:
         lines += ["", f"Note: {fig['in_process']}."]
+    if "workaround" in fig:
+        lines += ["", f"Note: {fig['workaround']}."]
     if "exports_s" in fig:
         lines += ["", "Exports (background): " + ", ".join(f"{k} {v:.0f} s" for k, v in fig["exports_s"].items())]
     lines += ["", "## Targets (one H100/H200, bf16, batch 1)", ""]

@@ -4,6 +4,7 @@ the rare sessions that have a GPU, and the pieces that decide what its summary s
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import re
@@ -363,3 +364,60 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
     exited = steps + "[Inferior 1 (process 7) exited normally]\n"
     assert gpu_check.debugged_probe(exited, 0) == "passed: exited normally"
     assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]
+
+
+def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_way_that_let_one(tmp_path):
+    """The second H200 run: every fresh load of a CUDA package died in AOTInductor's loader. Where the
+    load probe finds a way that loads (a warm-up, an environment), the benches and the diagnosis go
+    through it, in the CLI's own process; where none does, no aoti command spends the minutes."""
+    died = "died of SIGSEGV 47 s into the command (last step: the loader's device check done at 41.9 s)"
+    outcomes = {"mlp, weights in the .so": "ok: loaded: 4 constants at 40.0 s", "decode.pt2": died,
+                "decode.pt2 without Inductor's CPU ISA build check": died,
+                "decode.pt2 after torch.compile ran a kernel": died,
+                "decode.pt2 after an AOTInductor compile": "ok: loaded: 19 constants at 60.0 s"}
+    run = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 80.0, "decode_ms_p50": 12.5, "decode_ms_p90": 13.0,
+           "fraction_of_bandwidth_limit": 0.05, "cuda_graphs": True}
+
+    def checked(outcomes: dict) -> tuple:
+        check, commands = make_check(tmp_path, "cuda"), []
+
+        def fake_run(label, cmd, timeout, env=None):
+            commands.append((cmd, env))
+            name = "eager" if "eager" in cmd else "aoti"
+            return 0, "warm-up chatter\n" + json.dumps({"copy_bandwidth_gb_s": 3000.0, "results": {name: run}}, indent=2)
+
+        check.run = fake_run
+        probe = concurrent.futures.Future()
+        probe.set_result(outcomes)
+        check.stage("load probe", check.load_probe_stage, probe)
+        assert not check.stages[0]["ok"] and check.fresh_load_fails == died
+        return check, commands
+
+    check, commands = checked(outcomes)
+    assert check.workaround[:2] == ("decode.pt2 after an AOTInductor compile", "aoti-compile")
+    check.stage("bench", check.bench_stage)
+    assert check.stages[-1]["ok"], check.stages[-1]
+    through = [gpu_check.PROBE.as_posix(), "run", "--device", "cuda", "--warm", "aoti-compile", "--", "--quiet", "bench"]
+    aoti = [cmd for cmd, _ in commands if "aoti" in cmd]
+    assert len(aoti) == 2 and all(c[1:10] == through and c[-1] == "--in-process" for c in aoti)
+    assert [cmd[1:3] for cmd, _ in commands if "eager" in cmd] == [["-m", "dbrx_aot.cli"]]
+    assert ("the aoti commands ran in the CLI's own process the way that let one: decode.pt2 after an AOTInductor "
+            "compile") in gpu_check.format_summary(check.summary())
+    # The ISA check's environment travels with its way, to the diagnosis too.
+    check.workaround = gpu_check.LOAD_WORKAROUNDS[0]
+    check.environment["debugger"] = None
+    commands.clear()
+    check.diagnose("verify aoti", check.cli("verify", "ART", "--runtime", "aoti"))
+    (cmd, env), = commands
+    assert cmd[cmd.index("--warm"):] == ["--warm", "none", "--", "--quiet", "verify", "ART", "--runtime", "aoti"]
+    assert env["TORCHINDUCTOR_VEC_ISA_OK"] == "1" and env["AOTI_RUNTIME_CHECK_INPUTS"] == "1"
+
+    # No way let one: eager only, no diagnosis, no slice.
+    check, commands = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died})
+    assert check.workaround is None
+    check.stage("bench", check.bench_stage)
+    check.stage("slice", check.slice_stage)
+    assert [cmd[cmd.index("--runtime") + 1] for cmd, _ in commands] == ["eager"]
+    assert [s["detail"] for s in check.stages[1:]] == [
+        "aoti: not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"] + [
+        "not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"]
