@@ -700,9 +700,11 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
     steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
     done = "; ".join(f"{step} at {t} s" for t, step in steps
                      if not step.startswith(("torch ", "warm-up", "the loader's")))
-    check = [t for t, step in steps if step.startswith("the loader's device check")]
+    times = {step.split(" ")[0] if step.startswith("warm-up") else step: float(t) for t, step in steps}
+    took = times.get("the loader's device check done", 0) - times.get("warm-up", 0)
     if rc == 0:
-        return f"ok: {done}" + (f" (its device check done at {check[0]} s)" if check else "")
+        return f"ok: {done}" + (f" (the loader's device check took {took:.1f} s)"
+                                if "the loader's device check done" in times else "")
     end = ("killed at its time limit" if rc == -9 else f"died of {signal.Signals(-rc).name}" if rc < 0
            else f"exit {rc}: {last_line(out)}")
     last = f"{steps[-1][1]} at {steps[-1][0]} s" if steps else "before its first step"

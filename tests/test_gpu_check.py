@@ -46,7 +46,7 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     probe = summary["figures"]["load_probe"]
     assert {"mlp, weights in the .so", "mlp, weights bound at load, as dbrx-aot's", "decode.pt2",
             "decode.pt2 after torch.compile ran a kernel", "decode.pt2 after an AOTInductor compile"} <= set(probe)
-    assert all(re.fullmatch(r"ok: loaded: \d+ constants at .*\(its device check done at [\d.]+ s\)", line)
+    assert all(re.fullmatch(r"ok: loaded: \d+ constants at .*\(the loader's device check took [\d.]+ s\)", line)
                for name, line in probe.items() if " under " not in name), probe
     assert all("ran: matches eager" in line for name, line in probe.items() if name.startswith("mlp")), probe
     if summary["environment"]["debugger"]:
@@ -347,7 +347,7 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
     steps += "probe    41.9 s: the loader's device check done\n"
     loaded = steps + "probe    43.5 s: loaded: 4 constants\nprobe    43.6 s: ran: matches eager\n"
     assert gpu_check.probe_outcome(loaded, 0, 44.0) == (
-        "ok: loaded: 4 constants at 43.5 s; ran: matches eager at 43.6 s (its device check done at 41.9 s)")
+        "ok: loaded: 4 constants at 43.5 s; ran: matches eager at 43.6 s (the loader's device check took 39.8 s)")
     assert gpu_check.probe_outcome(steps + "Fatal Python error: Segmentation fault\n", -11, 47.2) == (
         "died of SIGSEGV 47 s into the command (last step: the loader's device check done at 41.9 s)")
     assert gpu_check.probe_outcome("(killed after 240 s)", -9, 240.0).startswith("killed at its time limit 240 s")
