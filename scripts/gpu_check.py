@@ -103,9 +103,10 @@ PROBE = ROOT / "scripts" / "aoti_load_probe.py"
 PROBE_INTERRUPT_S = 20
 # The load probe's ways of loading decode.pt2 in a fresh process that may work around a plain load
 # that dies, in the order the benches try them: (its line's name, the warm-up, the environment).
-LOAD_WORKAROUNDS = (("decode.pt2 without Inductor's CPU ISA build check", "none", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}),
-                    ("decode.pt2 after torch.compile ran a kernel", "compile", {}),
-                    ("decode.pt2 after an AOTInductor compile", "aoti-compile", {}))
+LOAD_WORKAROUNDS = (
+    ("decode.pt2 without Inductor's CPU ISA build check", "none", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}),
+    ("decode.pt2 after torch.compile ran a kernel", "compile", {}),
+    ("decode.pt2 after an AOTInductor compile", "aoti-compile", {}))
 
 # Inductor's configuration variables that keep every reduction whole in one kernel (see
 # Check.bench_whole_reductions): read when torch._inductor.config is first imported.
@@ -419,7 +420,7 @@ class Check:
             self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
             self.figures["workaround"] = (
                 f"a fresh process could not load decode.pt2 ({plain}); "
-                + ("no way the load probe tried let one: the aoti benches were not run" if self.workaround is None
+                + ("no way the load probe tried let one: no aoti bench or slice was run" if self.workaround is None
                    else f"the aoti commands ran in the CLI's own process the way that let one: {self.workaround[0]}"))
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):

@@ -384,7 +384,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
         def fake_run(label, cmd, timeout, env=None):
             commands.append((cmd, env))
             name = "eager" if "eager" in cmd else "aoti"
-            return 0, "warm-up chatter\n" + json.dumps({"copy_bandwidth_gb_s": 3000.0, "results": {name: run}}, indent=2)
+            report = {"copy_bandwidth_gb_s": 3000.0, "results": {name: run}}
+            return 0, "warm-up chatter\n" + json.dumps(report, indent=2)
 
         check.run = fake_run
         probe = concurrent.futures.Future()
@@ -397,7 +398,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert check.workaround[:2] == ("decode.pt2 after an AOTInductor compile", "aoti-compile")
     check.stage("bench", check.bench_stage)
     assert check.stages[-1]["ok"], check.stages[-1]
-    through = [gpu_check.PROBE.as_posix(), "run", "--device", "cuda", "--warm", "aoti-compile", "--", "--quiet", "bench"]
+    through = [str(gpu_check.PROBE), "run", "--device", "cuda", "--warm", "aoti-compile", "--", "--quiet", "bench"]
     aoti = [cmd for cmd, _ in commands if "aoti" in cmd]
     assert len(aoti) == 2 and all(c[1:10] == through and c[-1] == "--in-process" for c in aoti)
     assert [cmd[1:3] for cmd, _ in commands if "eager" in cmd] == [["-m", "dbrx_aot.cli"]]
