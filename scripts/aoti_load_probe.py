@@ -115,10 +115,10 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     say(f"loaded: {len(runner.get_constant_fqns())} constants")
     if reference is not None:
         ref = torch.load(reference)
-        fqns = runner.get_constant_fqns()
-        if fqns and "user-constants" in package.name:
-            runner.load_constants({f: ref["weights"][f].to(device) for f in fqns}, check_full_update=True,
-                                  user_managed=True)
+        # Bound, not copied (user_managed): the tensors must outlive the runs, as the runtime's weights do.
+        weights = {f: ref["weights"][f].to(device) for f in runner.get_constant_fqns()}
+        if weights and "user-constants" in package.name:
+            runner.load_constants(weights, check_full_update=True, user_managed=True)
         with torch.no_grad():
             got = runner(ref["x"].to(device))
         torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
