@@ -284,7 +284,7 @@ class Check:
         """Background jobs for the chosen stages: name -> (the artifact, commands run one after another)."""
         p, w, dev = self.plan, self.work, self.device
         jobs = {}
-        if "bench" in self.stages_chosen:
+        if {"bench", "probe"} & self.stages_chosen:  # the load probe loads the bench artifact's decode.pt2
             S, P = p.bench_shapes
             graphs = ("--format", "aoti", "--device", dev, "--dtype", p.dtype, "--max-seq-len", str(S),
                       "--prefill-chunk", str(P), "--force")
@@ -292,7 +292,7 @@ class Check:
                 self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
                          "--force"),
                 self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), *graphs)])
-            if dev == "cuda":
+            if dev == "cuda" and "bench" in self.stages_chosen:
                 # The same graphs with Inductor's reductions whole, for the diagnosis (bench_stage).
                 export = self.cli("export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
                                   *graphs)
@@ -842,7 +842,7 @@ def main() -> int:
     parser.add_argument("--skip-install", action="store_true",
                         help="do not pip install this tree (it is importable already, e.g. in a dev venv)")
     parser.add_argument("--stages", default=",".join(OPTIONAL_STAGES),
-                        help="which of tests,bench,slice to run (a rerun of a part; the exports they need come along)")
+                        help="which of tests,probe,bench,slice to run (a rerun of a part; the exports they need come along)")
     parser.add_argument("--reuse-exports", action="store_true",
                         help="keep artifacts already in --work (a rerun on the same machine after a runtime fix)")
     args = parser.parse_args()

@@ -177,6 +177,8 @@ def test_a_rerun_of_one_stage_exports_only_what_it_needs(tmp_path):
                                          "slice batch1-grouped"]
     check.stages_chosen = {"tests"}
     assert check.export_jobs() == {}
+    check.stages_chosen = {"probe"}  # it loads the bench artifact's decode.pt2
+    assert list(check.export_jobs()) == ["bench artifact"]
     check.reuse_exports = True
     artifact = tmp_path / "art"
     artifact.mkdir()
