@@ -112,11 +112,12 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     runner = torch._inductor.aoti_load_package(str(package))
     if timer is not None:
         timer.cancel()
-    say(f"loaded: {len(runner.get_constant_fqns())} constants")
+    fqns = runner.get_constant_fqns()
+    say(f"loaded: {len(fqns)} constants")
     if reference is not None:
         ref = torch.load(reference)
         # Bound, not copied (user_managed): the tensors must outlive the runs, as the runtime's weights do.
-        weights = {f: ref["weights"][f].to(device) for f in runner.get_constant_fqns()}
+        weights = {f: ref["weights"][f].to(device) for f in fqns}
         if weights and "user-constants" in package.name:
             runner.load_constants(weights, check_full_update=True, user_managed=True)
         with torch.no_grad():

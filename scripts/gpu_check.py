@@ -370,8 +370,7 @@ class Check:
         d, dev = self.work / "probe", self.device
         probe = [self.python, str(PROBE)]
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
-        variants: dict[str, list[str]] = {}
-        envs: dict[str, dict[str, str]] = {}
+        variants: dict[str, tuple[list[str], dict[str, str]]] = {}  # name -> (command, its environment)
         outcomes: dict[str, str] = {}
         rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300,
                            cache)
@@ -380,27 +379,27 @@ class Check:
         else:
             for name, what in (("linear-in-so", "weights in the .so"),
                                ("linear-user-constants", "weights bound at load, as dbrx-aot's")):
-                variants[f"mlp, {what}"] = probe + ["load", str(d / f"{name}.pt2"), "--device", dev,
-                                                    "--reference", str(d / "linear.pt")]
-        ok, _, why = bench_export.result() if bench_export is not None else (False, 0, "--stages without bench")
+                variants[f"mlp, {what}"] = (probe + ["load", str(d / f"{name}.pt2"), "--device", dev,
+                                                     "--reference", str(d / "linear.pt")], {})
+        ok, _, why = bench_export.result()
         decode = self.work / "bench-art" / "aoti" / "decode.pt2"
         if not ok or not decode.is_file():
             outcomes["decode.pt2"] = f"not run (the bench artifact: {why})"
         else:
             load = probe + ["load", str(decode), "--device", dev]
             # With the loader's own log lines (extraction, with times).
-            variants["decode.pt2"] = load
-            envs["decode.pt2"] = {"TORCH_CPP_LOG_LEVEL": "INFO"}
+            variants["decode.pt2"] = (load, {"TORCH_CPP_LOG_LEVEL": "INFO"})
             for name, warm, env in LOAD_WORKAROUNDS:
-                variants[name], envs[name] = load + ["--warm", warm], env
+                variants[name] = (load + ["--warm", warm], env)
             tool = self.environment.get("debugger")
             if tool is not None:
-                variants[f"decode.pt2 under {Path(tool).name}"] = under_debugger(
-                    tool, load + ["--interrupt-after", str(PROBE_INTERRUPT_S)], stops=2)
+                variants[f"decode.pt2 under {Path(tool).name}"] = (under_debugger(
+                    tool, load + ["--interrupt-after", str(PROBE_INTERRUPT_S)], stops=2), {})
 
         def one(name: str) -> str:
             started = time.monotonic()
-            rc, out = self.run(f"load probe: {name}", variants[name], 240, {**cache, **envs.get(name, {})})
+            cmd, env = variants[name]
+            rc, out = self.run(f"load probe: {name}", cmd, 240, {**cache, **env})
             if " under " in name:
                 return debugged_probe(out, rc)
             return probe_outcome(out, rc, time.monotonic() - started)
@@ -432,16 +431,15 @@ class Check:
         the first H200 run's aoti ones died unexplained), once more in the CLI's own process
         (``--in-process``), and so every later bench: the figures, and whether the spawned process
         was what died."""
-        if "aoti" in options and self.workaround is not None:
-            cmd, env = self.aoti_command("bench", str(path), "--device", self.device, "--json", *options)
+        args = ("bench", str(path), "--device", self.device, "--json", *options)
+        through = "aoti" in options and self.workaround is not None  # the load probe's way: in the CLI's process
+        if through:
+            cmd, env = self.aoti_command(*args)
             rc, out = self.run(f"{label} ({self.workaround[0].removeprefix('decode.pt2 ')})", cmd, 300, env)
-            if rc:
-                raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
-            lines = out.splitlines()
-            return json.loads("\n".join(lines[lines.index("{"):]))
-        cmd = self.cli("bench", str(path), "--device", self.device, "--json", *options)
-        rc, out = self.run(label, cmd + ["--in-process"] * self.in_process, 300)
-        if rc and not self.in_process and "its process died" in out:
+        else:
+            cmd = self.cli(*args)
+            rc, out = self.run(label, cmd + ["--in-process"] * self.in_process, 300)
+        if rc and not through and not self.in_process and "its process died" in out:
             self.in_process = True
             died = last_line(out)
             rc, out = self.run(f"{label} --in-process", cmd + ["--in-process"], 300)
@@ -603,7 +601,7 @@ class Check:
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
-            probe = (pool.submit(self.load_probe, futures.get("bench artifact")) if "probe" in self.stages_chosen
+            probe = (pool.submit(self.load_probe, futures["bench artifact"]) if "probe" in self.stages_chosen
                      else None)
             if "tests" in self.stages_chosen:
                 self.stage("tests", self.tests_stage)
@@ -671,15 +669,17 @@ def under_debugger(tool: str, cmd: list[str], stops: int = 1) -> list[str]:
             "-ex", "run", "-ex", "bt 30", *["-ex", "continue", "-ex", "bt 30"] * (stops - 1), "--args", *cmd]
 
 
+# gdb's line when the debugged program ends on its own (its exit code in octal).
+INFERIOR_EXITED = re.compile(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]")
+
+
 def debugged_outcome(out: str, rc: int) -> str:
     """How a command under the debugger ended, in one line: passed, its exit code and error line, or
     the signal and the innermost native frames of the crash."""
-    crash = re.search(r"received signal (SIG\w+)", out)
-    if crash:
-        frames = [native_frame(line.strip()) for line in out[crash.end():].splitlines()
-                  if re.match(r"#[0-4] ", line.strip())]
-        return f"died of {crash[1]}" + (" in " + " < ".join(frames) if frames else "")
-    ended = re.search(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]", out)
+    stops = debugged_stops(out, frames=5)
+    if stops:
+        return f"died of {stops[0]}"
+    ended = INFERIOR_EXITED.search(out)
     if ended:  # gdb writes the exit code in octal
         return "passed" if ended[1] == "normally" else f"exit {int(ended[2], 8)}: {last_line(out[:ended.start()])}"
     return f"the debugger ended it (exit {rc}): {last_line(out)}"
@@ -701,11 +701,13 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
     steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
     done = "; ".join(f"{step} at {t} s" for t, step in steps
                      if not step.startswith(("torch ", "warm-up", "the loader's")))
-    times = {step.split(" ")[0] if step.startswith("warm-up") else step: float(t) for t, step in steps}
-    took = times.get("the loader's device check done", 0) - times.get("warm-up", 0)
+    def at(prefix: str) -> float | None:
+        return next((float(t) for t, step in steps if step.startswith(prefix)), None)
+
+    warmed, checked = at("warm-up"), at("the loader's device check")
     if rc == 0:
-        return f"ok: {done}" + (f" (the loader's device check took {took:.1f} s)"
-                                if "the loader's device check done" in times else "")
+        return f"ok: {done}" + ("" if checked is None else
+                                f" (the loader's device check took {checked - (warmed or 0):.1f} s)")
     end = ("killed at its time limit" if rc == -9 else f"died of {signal.Signals(-rc).name}" if rc < 0
            else f"exit {rc}: {last_line(out)}")
     last = f"{steps[-1][1]} at {steps[-1][0]} s" if steps else "before its first step"
@@ -716,7 +718,7 @@ def debugged_probe(out: str, rc: int) -> str:
     """A load probe under the debugger: where each stop was (the probe's own SIGTRAP, a crash), and
     how it ended."""
     stops = debugged_stops(out)
-    ended = re.search(r"\[Inferior \d+ \(process \d+\) exited (normally|with code (\d+))\]", out)
+    ended = INFERIOR_EXITED.search(out)
     end = ("exited normally" if ended and ended[1] == "normally" else f"exit {int(ended[2], 8)}" if ended
            else f"the debugger ended (exit {rc}): {last_line(out)}" if not stops else "")
     said = [f"stopped by the probe's {s}" if s.startswith("SIGTRAP") else f"died of {s}" for s in stops]
