@@ -21,12 +21,12 @@ fresh process cannot load a package and a warm-up let one).
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import signal
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 # What a loading process may do first, in a fresh process, before it loads the package.
@@ -83,14 +83,30 @@ def warm_up(how: str, device: str) -> None:
             compile_mlp(Path(tmp) / "warm.pt2", device, {})
 
 
+def watch_main_thread(every: float) -> threading.Event:
+    """Print the main thread's Python stack every ``every`` s until the returned event is set: where a
+    slow step spends its time. Read under the GIL, so a stack comes late (when the main thread lets go
+    of the GIL) rather than torn: faulthandler's watchdog reads it without the GIL, and under gdb it
+    crashed on a frame an import was building (CI, CPU)."""
+    main, stop = threading.main_thread().ident, threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            frame = sys._current_frames().get(main)
+            if frame is not None:
+                print("probe main thread's stack:\n" + "".join(traceback.format_stack(frame)), end="", flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
 def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float) -> None:
     t0 = time.monotonic()
 
     def say(step: str) -> None:
         print(f"probe {time.monotonic() - t0:7.1f} s: {step}", flush=True)
 
-    # Where a slow step spends its time: every thread's Python stack, every 15 s.
-    faulthandler.dump_traceback_later(15, repeat=True)
+    watching = watch_main_thread(15)
     import torch
     import torch._inductor
 
@@ -124,7 +140,7 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
             got = runner(ref["x"].to(device))
         torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
         say("ran: matches eager")
-    faulthandler.cancel_dump_traceback_later()
+    watching.set()
 
 
 def main() -> int:
