@@ -27,10 +27,14 @@ import tempfile
 import threading
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
 # What a loading process may do first, in a fresh process, before it loads the package.
 WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile")
+# What opens the package: torch's package loader (aoti_load_package, as dbrx-aot's runtime does), or
+# its .so extracted and opened by the container runner alone (as torch._export.aot_load opens a .so).
+LOADERS = ("package", "container")
 
 
 def mlp(device: str):
@@ -100,7 +104,36 @@ def watch_main_thread(every: float) -> threading.Event:
     return stop
 
 
-def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float) -> None:
+class ContainerRunner:
+    """A package's .so opened by AOTIModelContainerRunner{Cpu,Cuda} without AOTIModelPackageLoader
+    (which extracts the archive, reads its metadata and then builds this same runner): what is left
+    of a load when the package loader is taken away. The package's own ``get_constant_fqns``,
+    ``load_constants`` and call, on the runner's names."""
+
+    def __init__(self, package: Path, device: str, scratch: Path):
+        import torch
+
+        with zipfile.ZipFile(package) as archive:
+            archive.extractall(scratch)
+        so = next(scratch.rglob("*.so"))
+        aoti = torch._C._aoti
+        self.runner = (aoti.AOTIModelContainerRunnerCpu(str(so), 1) if device == "cpu" else
+                       aoti.AOTIModelContainerRunnerCuda(str(so), 1, device, str(so.parent)))  # cubins beside it
+        self.names = self.runner.get_constant_names_to_original_fqns()  # runner name -> fqn
+
+    def get_constant_fqns(self) -> list[str]:
+        return list(self.names.values())
+
+    def load_constants(self, weights: dict, check_full_update: bool, user_managed: bool) -> None:
+        by_name = {name: weights[fqn] for name, fqn in self.names.items()}
+        self.runner.update_constant_buffer(by_name, False, check_full_update, user_managed)
+
+    def __call__(self, *inputs):
+        return self.runner.run(list(inputs))[0]
+
+
+def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float,
+         loader: str = "package") -> None:
     t0 = time.monotonic()
 
     def say(step: str) -> None:
@@ -125,7 +158,9 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
         timer = threading.Timer(interrupt_after, lambda: signal.pthread_kill(main, signal.SIGTRAP))
         timer.daemon = True
         timer.start()
-    runner = torch._inductor.aoti_load_package(str(package))
+    scratch = tempfile.TemporaryDirectory()
+    runner = (torch._inductor.aoti_load_package(str(package)) if loader == "package"
+              else ContainerRunner(package, device, Path(scratch.name)))
     if timer is not None:
         timer.cancel()
     fqns = runner.get_constant_fqns()
@@ -141,6 +176,8 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
         torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
         say("ran: matches eager")
     watching.set()
+    del runner  # before its .so's folder goes
+    scratch.cleanup()
 
 
 def main() -> int:
@@ -153,6 +190,8 @@ def main() -> int:
     ld.add_argument("package", type=Path)
     ld.add_argument("--device", default="cuda")
     ld.add_argument("--warm", choices=WARM_UPS, default="none")
+    ld.add_argument("--loader", choices=LOADERS, default="package",
+                    help="what opens it: torch's package loader, or the .so alone by the container runner")
     ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
     ld.add_argument("--interrupt-after", type=float, default=0.0,
                     help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
@@ -169,7 +208,7 @@ def main() -> int:
     elif args.command == "build":
         build(args.dir, args.device)
     else:
-        load(args.package, args.device, args.warm, args.reference, args.interrupt_after)
+        load(args.package, args.device, args.warm, args.reference, args.interrupt_after, args.loader)
     return 0
 
 

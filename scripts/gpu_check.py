@@ -107,6 +107,10 @@ LOAD_WORKAROUNDS = (
     ("decode.pt2 without Inductor's CPU ISA build check", "none", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}),
     ("decode.pt2 after torch.compile ran a kernel", "compile", {}),
     ("decode.pt2 after an AOTInductor compile", "aoti-compile", {}))
+# The load probe's way that takes torch's package loader away: the .so extracted and opened by
+# AOTIModelContainerRunnerCuda alone. Not a workaround the CLI can take today (its runtime loads
+# through the package loader); where only this way loads, the fault is in the package loader.
+CONTAINER_LOAD = "decode.pt2's .so without the package loader"
 
 # Inductor's configuration variables that keep every reduction whole in one kernel (see
 # Check.bench_whole_reductions): read when torch._inductor.config is first imported.
@@ -365,8 +369,9 @@ class Check:
         and bound at load as dbrx-aot binds them), then, once ``bench_export`` (the small preset's
         artifact) is built, its decode.pt2 plainly, after two warm-ups (Inductor having run a kernel;
         AOTInductor having compiled a package: the state of the process that compiled it, which
-        loads it), without the CPU ISA check (where the ~45 s before the crash may go), and under
-        the debugger (stopped once after PROBE_INTERRUPT_S, then to its end)."""
+        loads it), without the CPU ISA check (where the ~45 s before the crash may go), its .so
+        opened by the container runner without the package loader (CONTAINER_LOAD), and under the
+        debugger (stopped once after PROBE_INTERRUPT_S, then to its end)."""
         d, dev = self.work / "probe", self.device
         probe = [self.python, str(PROBE)]
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
@@ -391,6 +396,7 @@ class Check:
             variants["decode.pt2"] = (load, {"TORCH_CPP_LOG_LEVEL": "INFO"})
             for name, warm, env in LOAD_WORKAROUNDS:
                 variants[name] = (load + ["--warm", warm], env)
+            variants[CONTAINER_LOAD] = (load + ["--loader", "container"], {})
             tool = self.environment.get("debugger")
             if tool is not None:
                 variants[f"decode.pt2 under {Path(tool).name}"] = (under_debugger(
@@ -417,10 +423,15 @@ class Check:
         if plain and not plain.startswith(("ok", "not run")):
             self.fresh_load_fails = plain
             self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
+            container = outcomes.get(CONTAINER_LOAD, "").startswith("ok")
             self.figures["workaround"] = (
                 f"a fresh process could not load decode.pt2 ({plain}); "
-                + ("no way the load probe tried let one: no aoti bench or slice was run" if self.workaround is None
-                   else f"the aoti commands ran in the CLI's own process the way that let one: {self.workaround[0]}"))
+                + (f"the aoti commands ran in the CLI's own process the way that let one: {self.workaround[0]}"
+                   if self.workaround is not None else
+                   "no way the load probe tried let one" + (
+                       ", but its .so opened without the package loader: the fault is in the package loader"
+                       " (the runtime does not yet open packages that way)" if container else "")
+                   + ": no aoti bench or slice was run"))
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
             raise StageFailed(text)

@@ -45,7 +45,8 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     # The load probe: each package loaded by a fresh process, the MLP's run against eager.
     probe = summary["figures"]["load_probe"]
     assert {"mlp, weights in the .so", "mlp, weights bound at load, as dbrx-aot's", "decode.pt2",
-            "decode.pt2 after torch.compile ran a kernel", "decode.pt2 after an AOTInductor compile"} <= set(probe)
+            "decode.pt2 after torch.compile ran a kernel", "decode.pt2 after an AOTInductor compile",
+            "decode.pt2's .so without the package loader"} <= set(probe)
     assert all(re.fullmatch(r"ok: loaded: \d+ constants at .*\(the loader's device check took [\d.]+ s\)", line)
                for name, line in probe.items() if " under " not in name), probe
     assert all("ran: matches eager" in line for name, line in probe.items() if name.startswith("mlp")), probe
@@ -424,3 +425,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert [s["detail"] for s in check.stages[1:]] == [
         "aoti: not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"] + [
         "not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"]
+    # Only the .so opened without the package loader loaded: the summary says where the fault is.
+    check, _ = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died,
+                        gpu_check.CONTAINER_LOAD: "ok: loaded: 19 constants at 9.0 s"})
+    assert check.workaround is None
+    assert "opened without the package loader: the fault is in the package loader" in check.figures["workaround"]
