@@ -4,6 +4,7 @@ check's load probe (scripts/gpu_check.py runs them; so can you).
     python scripts/aoti_load_probe.py build DIR --device cuda
     python scripts/aoti_load_probe.py load DIR/linear-in-so.pt2 --device cuda --reference DIR/linear.pt
     python scripts/aoti_load_probe.py run --warm aoti-compile -- --quiet bench ART --runtime aoti --in-process
+    python scripts/aoti_load_probe.py run -- export CKPT -o ART2 --device cuda -- bench ART2 --runtime aoti --in-process
 
 Why: on the H200 (torch 2.11.0+cu130), every CUDA package of dbrx-aot died of SIGSEGV inside
 ``AOTIModelPackageLoader``'s constructor when a fresh process loaded it (``verify``, ``bench``,
@@ -14,8 +15,10 @@ as dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one pa
 process after an optional warm-up, prints each step's time, and where it has a reference, runs it
 against eager. Which of these die says whether it is dbrx-aot's graphs, its options, or AOTInductor
 on that machine, and which warm-up (if any) is a workaround. ``run`` is that workaround applied:
-a warm-up, then the dbrx-aot CLI in the same process (the GPU check measures with it where a plain
-fresh process cannot load a package and a warm-up let one).
+a warm-up, then the dbrx-aot CLI in the same process, one command or several in a row (the GPU check
+measures with it where a plain fresh process cannot load a package: after the warm-up that let one,
+or, where none did, after compiling the artifact again in that process, as the GPU tests that pass
+compile and load theirs).
 """
 
 from __future__ import annotations
@@ -180,6 +183,26 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     scratch.cleanup()
 
 
+def run_cli(argv: list[str]) -> int:
+    """The dbrx-aot CLI in this process, once per command (commands separated by ``--``), in order;
+    the first that fails ends the run with its exit code."""
+    from dbrx_aot.cli import cli
+
+    commands: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--":
+            commands.append([])
+        else:
+            commands[-1].append(arg)
+    for command in filter(None, commands):
+        try:
+            cli.main(args=command, prog_name="dbrx-aot")
+        except SystemExit as done:  # click's standalone mode ends every command with one
+            if done.code:
+                return done.code if isinstance(done.code, int) else 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,16 +218,15 @@ def main() -> int:
     ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
     ld.add_argument("--interrupt-after", type=float, default=0.0,
                     help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
-    r = sub.add_parser("run", help="warm up, then run the dbrx-aot CLI (the arguments after --) in this process")
+    r = sub.add_parser("run", help="warm up, then run the dbrx-aot CLI (the arguments after --; several commands "
+                                    "separated by --) in this process")
     r.add_argument("--device", default="cuda")
     r.add_argument("--warm", choices=WARM_UPS, default="none")
     r.add_argument("cli", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.command == "run":
         warm_up(args.warm, args.device)
-        from dbrx_aot.cli import cli
-
-        cli.main(args=args.cli[1:] if args.cli[:1] == ["--"] else args.cli, prog_name="dbrx-aot")
+        return run_cli(args.cli)
     elif args.command == "build":
         build(args.dir, args.device)
     else:

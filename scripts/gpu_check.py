@@ -14,7 +14,8 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                preset's artifact (checkpoint + export; on CUDA also its graphs compiled with
                Inductor's reductions whole, for the diagnosis), and compile-only real-width
                slices (on CUDA as many at once as their weights fit in the GPU's memory)
-  tests        pytest -m gpu (outcomes read from its JUnit XML)
+  tests        pytest -m "gpu and not fresh_process" (outcomes read from its JUnit XML): the tests
+               that load a package in the process that compiled it
   load probe   in the background beside the tests: whether an AOTInductor package loads in a fresh
                process (scripts/aoti_load_probe.py): a two-layer MLP's packages, the small preset's
                decode.pt2 plainly, after warm-ups and under a debugger (on the H200 every fresh load
@@ -24,10 +25,14 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
   slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
                random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
                written or read)
+  fresh-process tests
+               pytest -m "gpu and fresh_process": the CLI and the server in processes that did not
+               compile their package; last, after the figures, because on the H200 each such
+               process died ~50 s into its load (the load probe says why sooner)
 
-``--out`` receives four files: summary.md, summary.json, pytest.xml and log.txt (every command's
-output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds the whole run: each stage
-gets what is left, so the summary is written even when something hangs.
+``--out`` receives five files: summary.md, summary.json, pytest.xml, pytest-fresh-process.xml and
+log.txt (every command's output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds
+the whole run: each stage gets what is left, so the summary is written even when something hangs.
 """
 
 from __future__ import annotations
@@ -111,6 +116,10 @@ LOAD_WORKAROUNDS = (
 # AOTIModelContainerRunnerCuda alone. Not a workaround the CLI can take today (its runtime loads
 # through the package loader); where only this way loads, the fault is in the package loader.
 CONTAINER_LOAD = "decode.pt2's .so without the package loader"
+# Where no way the load probe tried let a fresh process load a package: each aoti bench compiles its
+# artifact again in the CLI's own process (a new directory and Inductor cache: a real compile, as the
+# GPU tests that pass compile and load theirs), then measures there. One compile per artifact.
+COMPILE_HERE = "the artifact compiled again in the CLI's own process"
 
 # Inductor's configuration variables that keep every reduction whole in one kernel (see
 # Check.bench_whole_reductions): read when torch._inductor.config is first imported.
@@ -131,6 +140,18 @@ def default_aoti_ran(runs: dict) -> bool:
     """Whether one of the small preset's aoti benches on its default graphs (CUDA graphs on or off)
     ran; the graphs with reductions whole (``aoti_reductions_whole``) are a diagnosis, not one."""
     return bool({"aoti", "aoti_no_cuda_graphs"} & set(runs))
+
+
+def json_reports(out: str) -> list[dict]:
+    """The ``--json`` reports in a command's output, in order (json.dumps with indent=2: each starts
+    at a line "{"; a command may print other lines around them)."""
+    decoder, reports = json.JSONDecoder(), []
+    for start in re.finditer(r"^\{$", out, re.M):
+        try:
+            reports.append(decoder.raw_decode(out, start.start())[0])
+        except json.JSONDecodeError:
+            continue
+    return reports
 
 
 def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
@@ -160,9 +181,12 @@ class Check:
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
         self.in_process = False  # a bench's measuring process died: later benches measure in the CLI's process
         # Set by the load probe: why a plain fresh process cannot load a package, and the first of
-        # LOAD_WORKAROUNDS that let one (the aoti commands then go through it).
+        # LOAD_WORKAROUNDS that let one (the aoti commands then go through it), or, where none did,
+        # compile_here (the aoti benches then compile their artifact again in their own process).
         self.fresh_load_fails: str | None = None
         self.workaround: tuple[str, str, dict[str, str]] | None = None
+        self.compile_here = False
+        self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
@@ -347,19 +371,22 @@ class Check:
             raise StageFailed(text)
         return text + " (in the background, beside the tests)"
 
-    def tests_stage(self) -> str:
-        xml = self.out / "pytest.xml"
+    def tests_stage(self, marks: str = "gpu and not fresh_process", xml_name: str = "pytest.xml") -> str:
+        xml = self.out / xml_name
         # A test module that cannot be imported there (another library version) must not stop the rest.
-        rc, out = self.run("tests", [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                                     "--continue-on-collection-errors", f"--junitxml={xml}", "tests"], 420)
+        rc, out = self.run(f"tests ({marks})", [self.python, "-m", "pytest", "-m", marks, "-q", "-rs", "-p",
+                                                "no:cacheprovider", "--continue-on-collection-errors",
+                                                f"--junitxml={xml}", "tests"], 420)
         if not xml.is_file():
             raise StageFailed(f"pytest wrote no report (exit {rc}): {last_line(out)}")
-        self.tests = read_junit(xml)
+        seen = {t["name"] for t in self.tests}  # a module skipped at collection is in both runs' reports
+        tests = [t for t in read_junit(xml) if t["name"] not in seen]
+        self.tests += tests
         counts: dict[str, int] = {}
-        for t in self.tests:
+        for t in tests:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         text = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests collected"
-        if rc or not self.tests:
+        if rc or not tests:
             raise StageFailed(f"{text} (pytest exit {rc})")
         return text
 
@@ -423,6 +450,7 @@ class Check:
         if plain and not plain.startswith(("ok", "not run")):
             self.fresh_load_fails = plain
             self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
+            self.compile_here = self.workaround is None
             container = outcomes.get(CONTAINER_LOAD, "").startswith("ok")
             self.figures["workaround"] = (
                 f"a fresh process could not load decode.pt2 ({plain}); "
@@ -431,7 +459,7 @@ class Check:
                    "no way the load probe tried let one" + (
                        ", but its .so opened without the package loader: the fault is in the package loader"
                        " (the runtime does not yet open packages that way)" if container else "")
-                   + ": no aoti bench or slice was run"))
+                   + f"; the aoti benches and slices measured {COMPILE_HERE}, no verify diagnosis"))
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
             raise StageFailed(text)
@@ -442,6 +470,11 @@ class Check:
         the first H200 run's aoti ones died unexplained), once more in the CLI's own process
         (``--in-process``), and so every later bench: the figures, and whether the spawned process
         was what died."""
+        if "aoti" in options and self.compile_here:
+            reports, failed = self.benches_compiled_here(label, path, [("aoti", options)])
+            if failed:
+                raise StageFailed("; ".join(failed))
+            return reports["aoti"]
         args = ("bench", str(path), "--device", self.device, "--json", *options)
         through = "aoti" in options and self.workaround is not None  # the load probe's way: in the CLI's process
         if through:
@@ -461,8 +494,26 @@ class Check:
                 raise StageFailed(f"{label}: {died}; --in-process: exit {rc}: {last_line(out)}")
         if rc:
             raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
-        lines = out.splitlines()  # the JSON report starts at a line "{" (json.dumps indent=2)
-        return json.loads("\n".join(lines[lines.index("{"):]))
+        return json_reports(out)[0]
+
+    def benches_compiled_here(self, label: str, path: Path,
+                              runs: list[tuple[str, tuple[str, ...]]]) -> tuple[dict[str, dict], list[str]]:
+        """COMPILE_HERE: ``path``'s export again, into a new directory and Inductor cache, then
+        ``bench --json`` with each run's options on it, all in one process (the load probe's ``run``):
+        the reports by run name, and what failed (the runs after a failed one have no report)."""
+        export = next(cmd for artifact, cmds in self.jobs.values() if artifact == path
+                      for cmd in cmds if "export" in cmd)
+        export = export[export.index("export"):]
+        here = path.with_name(path.name + "-here")
+        export[export.index("-o") + 1] = str(here)
+        cmd = [self.python, str(PROBE), "run", "--device", self.device, "--", "--quiet", *export]
+        for _, options in runs:
+            cmd += ["--", "--quiet", "bench", str(here), "--device", self.device, "--json", *options, "--in-process"]
+        rc, out = self.run(f"{label} ({COMPILE_HERE})", cmd, 480,
+                           {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{here.name}")})
+        reports = dict(zip((name for name, _ in runs), json_reports(out)))
+        failed = [] if rc == 0 else [f"{label} ({COMPILE_HERE}): exit {rc}: {last_line(out)}"]
+        return reports, failed
 
     def aoti_command(self, *args: str) -> tuple[list[str], dict[str, str]]:
         """A CLI command that loads a package, through the load probe's workaround: its warm-up, then
@@ -498,15 +549,16 @@ class Check:
         reports, failed = {}, []
         runs = (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
                 ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs")))
-        if self.cannot_load():
-            runs = runs[:1]
-            failed.append(f"aoti: not run: {self.cannot_load()}")
-        for name, options in runs:
+        for name, options in runs[:1] if self.compile_here else runs:
             try:
                 reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
             except StageFailed as err:
                 failed.append(str(err))
-        if failed and not default_aoti_ran(reports) and not self.cannot_load():
+        if self.compile_here:  # both aoti benches after one compile
+            got, why = self.benches_compiled_here("bench aoti", path, [(n, (*o, *lengths)) for n, o in runs[1:]])
+            reports.update(got)
+            failed += why
+        if failed and not default_aoti_ran(reports) and not self.compile_here:
             # The first H200 run's aoti benches died unexplained. Whether the graphs with reductions
             # whole run (first: where they run they name a workaround, and the deadline may cut what
             # comes last); then where it breaks: verify runs the package on 8 decode steps beside
@@ -531,13 +583,6 @@ class Check:
                 f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
                 f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
 
-    def cannot_load(self) -> str | None:
-        """Why no aoti command is worth running here: a fresh process cannot load a package and no
-        way the load probe tried let one (their minutes are left for a rerun)."""
-        if self.fresh_load_fails is None or self.workaround is not None:
-            return None
-        return "a fresh process cannot load a package (load probe), and no warm-up it tried let one"
-
     def bench_whole_reductions(self, path: Path, lengths: tuple[str, ...], reports: dict) -> str:
         """The aoti bench on the graphs compiled with Inductor's reductions whole (no split reductions,
         no online softmax), on random weights made on the device: one line, whether they ran. Why:
@@ -559,8 +604,6 @@ class Check:
     def slice_stage(self) -> str:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
-        if self.cannot_load():
-            raise StageFailed(f"not run: {self.cannot_load()}")
         texts, failed = [], []
         # The small preset's aoti benches all failed: if the first slice fails too, the rest would
         # fail alike, and the device minutes they would spend are better left for a rerun.
@@ -609,6 +652,7 @@ class Check:
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
         with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
+            self.jobs = jobs
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
@@ -623,6 +667,8 @@ class Check:
         for name, fn in (("bench", self.bench_stage), ("slice", self.slice_stage)):
             if name in self.stages_chosen:
                 self.stage(name, fn)
+        if "tests" in self.stages_chosen:
+            self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(format_summary(summary))
@@ -849,7 +895,8 @@ def format_summary(s: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=sorted(PLANS), default="cuda")
-    parser.add_argument("--out", default="build/gpu-check", help="summary.md, summary.json, pytest.xml, log.txt")
+    parser.add_argument("--out", default="build/gpu-check",
+                        help="summary.md, summary.json, pytest.xml, pytest-fresh-process.xml, log.txt")
     parser.add_argument("--work", default="build/gpu-check-work", help="checkpoints and artifacts")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--skip-install", action="store_true",

@@ -114,6 +114,7 @@ def test_cuda_graphs_on_and_off_are_bit_identical(cuda_artifact, dtype):
         dbrx_aot.generate(off, prompts, max_new_tokens=STEPS, temperature=0.8, seed=0, stop_ids=[])
 
 
+@pytest.mark.fresh_process
 def test_cuda_aoti_artifact_runs_in_processes_that_did_not_compile_it(cuda_artifact):
     """As users run it: verify in a fresh process (CUDA graphs on), bench in the CLI's own process
     (--in-process, graphs off) and in the process of its own it spawns (graphs on). The first H200
@@ -152,6 +153,7 @@ def test_cuda_aoti_artifact_runs_in_processes_that_did_not_compile_it(cuda_artif
     assert set(outcomes.values()) == {"ok"}, f"{outcomes}\n" + "\n".join(failures)
 
 
+@pytest.mark.fresh_process
 def test_server_on_cuda_answers_each_request_as_generate_does_alone(cuda_artifact, fp32_pair, tmp_path):
     """`dbrx-aot serve --device cuda`: the scheduler's thread runs the aoti package (its decode CUDA
     graph captured there) while uvicorn's thread answers HTTP; 2 x B greedy requests at once (one

@@ -36,8 +36,9 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
               proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
     assert proc.returncode == 0 and not failed, [s["name"] for s in failed]
     assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "load probe",
-                                                       "exports", "bench", "slice"]
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest.xml", "summary.json", "summary.md"]
+                                                       "exports", "bench", "slice", "fresh-process tests"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest-fresh-process.xml", "pytest.xml",
+                                                     "summary.json", "summary.md"]
     # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
     names = {t["name"] for t in summary["tests"]}
     assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16]" in names and len(names) >= 8
@@ -416,17 +417,58 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert cmd[cmd.index("--warm"):] == ["--warm", "none", "--", "--quiet", "verify", "ART", "--runtime", "aoti"]
     assert env["TORCHINDUCTOR_VEC_ISA_OK"] == "1" and env["AOTI_RUNTIME_CHECK_INPUTS"] == "1"
 
-    # No way let one: eager only, no diagnosis, no slice.
+    # No way let one: each aoti bench compiles its artifact again in its own process and measures
+    # there; both of the small preset's aoti benches after one compile, a slice after its own; no
+    # diagnosis (a fresh process would die alike).
     check, commands = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died})
-    assert check.workaround is None
+    assert check.workaround is None and check.compile_here
+    check.jobs = check.export_jobs()
+
+    def fake_run(label, cmd, timeout, env=None):
+        commands.append((cmd, env))
+        slice_run = {**run, "decode_ms_per_layer": 1.0, "decode_bytes_per_step": 2e9}
+        reports = [{"copy_bandwidth_gb_s": 3000.0, "results": {"aoti" if "aoti" in c else "eager": slice_run}}
+                   for c in " ".join(cmd).split(" -- ") if " bench " in f" {c} "]
+        return 0, "".join("chatter\n" + json.dumps(r, indent=2) + "\n" for r in reports)
+
+    check.run = fake_run
     check.stage("bench", check.bench_stage)
     check.stage("slice", check.slice_stage)
-    assert [cmd[cmd.index("--runtime") + 1] for cmd, _ in commands] == ["eager"]
-    assert [s["detail"] for s in check.stages[1:]] == [
-        "aoti: not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"] + [
-        "not run: a fresh process cannot load a package (load probe), and no warm-up it tried let one"]
+    assert all(s["ok"] for s in check.stages[1:]), check.stages
+    assert set(check.figures["bench"]["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
+    here = [cmd for cmd, _ in commands if "aoti" in cmd]
+    assert len(here) == 1 + len(gpu_check.slice_runs(check.plan))
+    art = str(check.work / "bench-art")
+    first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd)
+    assert first[1:6] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--"]
+    steps = " ".join(first[6:]).split(" -- ")
+    assert steps[0].startswith(f"--quiet export {check.work / 'bench-ckpt'} -o {art}-here ")
+    assert [s.split()[1:3] for s in steps[1:]] == [["bench", f"{art}-here"]] * 2
+    assert "--no-cuda-graphs" in steps[2].split() and all(s.endswith(" --in-process") for s in steps[1:])
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(check.work / "inductor-bench-art-here")
+    assert not any("verify" in cmd for cmd, _ in commands)
+    assert "the aoti benches and slices measured the artifact compiled again" in check.figures["workaround"]
     # Only the .so opened without the package loader loaded: the summary says where the fault is.
     check, _ = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died,
                         gpu_check.CONTAINER_LOAD: "ok: loaded: 19 constants at 9.0 s"})
     assert check.workaround is None
     assert "opened without the package loader: the fault is in the package loader" in check.figures["workaround"]
+
+
+def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_first_that_fails(tmp_path):
+    """`aoti_load_probe.py run -- A -- B`: the way the GPU check compiles an artifact and measures it
+    in one process (COMPILE_HERE). Each command runs in order; a failing one ends the run with its
+    exit code, and the commands after it do not run."""
+    import subprocess
+
+    probe = [sys.executable, str(gpu_check.PROBE), "run", "--device", "cpu", "--"]
+
+    def tiny(name: str) -> list[str]:
+        return ["--quiet", "random-checkpoint", str(tmp_path / name), "--preset", "tiny"]
+
+    ok = subprocess.run([*probe, *tiny("a"), "--", *tiny("b")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "a" / "config.json").is_file() and (tmp_path / "b" / "config.json").is_file()
+    failed = subprocess.run([*probe, "--quiet", "inspect", str(tmp_path / "missing"), "--", *tiny("c")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "missing: no manifest.json" in failed.stderr and not (tmp_path / "c").exists()
