@@ -18,8 +18,9 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                that load a package in the process that compiled it
   load probe   in the background beside the tests: whether an AOTInductor package loads in a fresh
                process (scripts/aoti_load_probe.py): a two-layer MLP's packages, the small preset's
-               decode.pt2 plainly, after warm-ups and under a debugger (on the H200 every fresh load
-               of a dbrx-aot CUDA package died of SIGSEGV inside AOTInductor's loader)
+               decode.pt2 plainly, after warm-ups, without the package loader, and under a debugger
+               (on the H200 every fresh load of a dbrx-aot CUDA package died of SIGSEGV inside
+               AOTInductor's loader); the benches wait for all but the debugged load
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
                run fails, verify under a debugger, and the graphs with reductions whole
   slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
@@ -29,6 +30,8 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                pytest -m "gpu and fresh_process": the CLI and the server in processes that did not
                compile their package; last, after the figures, because on the H200 each such
                process died ~50 s into its load (the load probe says why sooner)
+  load probe under the debugger
+               its outcome, waited for last (a debugged load may take minutes)
 
 ``--out`` receives five files: summary.md, summary.json, pytest.xml, pytest-fresh-process.xml and
 log.txt (every command's output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds
@@ -187,6 +190,7 @@ class Check:
         self.workaround: tuple[str, str, dict[str, str]] | None = None
         self.compile_here = False
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
+        self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
 
     # -- running things ------------------------------------------------------------------------
@@ -437,9 +441,13 @@ class Check:
                 return debugged_probe(out, rc)
             return probe_outcome(out, rc, time.monotonic() - started)
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(variants))) as pool:
-            lines = dict(zip(variants, pool.map(one, variants)))
-        outcomes.update(lines)
+        # The load under the debugger is waited for last (debugged_load_stage): it may take minutes,
+        # and the benches need only the other ways' outcomes.
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, len(variants)))
+        futures = {name: pool.submit(one, name) for name in variants}
+        pool.shutdown(wait=False)
+        self.debugged_loads = {name: f for name, f in futures.items() if " under " in name}
+        outcomes.update({name: f.result() for name, f in futures.items() if name not in self.debugged_loads})
         self.say("load probe: " + "; ".join(f"{k}: {v}" for k, v in outcomes.items()))
         return outcomes
 
@@ -462,6 +470,15 @@ class Check:
                    + f"; the aoti benches and slices measured {COMPILE_HERE}, no verify diagnosis"))
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
+            raise StageFailed(text)
+        return text
+
+    def debugged_load_stage(self) -> str:
+        """The load probe's load of decode.pt2 under the debugger: where it stopped, and how it ended."""
+        lines = {name: future.result() for name, future in self.debugged_loads.items()}
+        self.figures.setdefault("load_probe", {}).update(lines)
+        text = "; ".join(f"{name}: {line}" for name, line in lines.items())
+        if not all(line.startswith("passed") for line in lines.values()):
             raise StageFailed(text)
         return text
 
@@ -669,6 +686,8 @@ class Check:
                 self.stage(name, fn)
         if "tests" in self.stages_chosen:
             self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")
+        if self.debugged_loads:
+            self.stage("load probe under the debugger", self.debugged_load_stage)
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(format_summary(summary))

@@ -35,8 +35,9 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
         print(*(f"{s['name']}: {s['detail']}" for s in failed), *failed_commands((out / "log.txt").read_text()),
               proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
     assert proc.returncode == 0 and not failed, [s["name"] for s in failed]
+    debugged = ["load probe under the debugger"] if summary["environment"]["debugger"] else []
     assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "load probe",
-                                                       "exports", "bench", "slice", "fresh-process tests"]
+                                                       "exports", "bench", "slice", "fresh-process tests", *debugged]
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest-fresh-process.xml", "pytest.xml",
                                                      "summary.json", "summary.md"]
     # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
