@@ -473,3 +473,20 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
     failed = subprocess.run([*probe, "--quiet", "inspect", str(tmp_path / "missing"), "--", *tiny("c")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "missing: no manifest.json" in failed.stderr and not (tmp_path / "c").exists()
+
+
+def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_dry_run, tmp_path):
+    """COMPILE_HERE on CPU, with real commands: the dry run's small-preset export once more, into a
+    new directory, then both aoti benches on it, in one process; their reports are the figures."""
+    args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
+                              deadline=600, skip_install=True, stages="bench", reuse_exports=True)
+    check = gpu_check.Check(args)
+    check.python = sys.executable
+    check.jobs, check.compile_here = check.export_jobs(), True
+    check.stage("bench", check.bench_stage)
+    assert check.stages[0]["ok"], check.stages[0]["detail"]
+    runs = check.figures["bench"]["runs"]
+    assert set(runs) == {"eager", "aoti", "aoti_no_cuda_graphs"} and all(r["decode_tokens_per_s"] > 0 for r in runs.values())
+    assert (gpu_check_dry_run.work / "bench-art-here" / "manifest.json").is_file()
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert log.count(f"===== bench aoti ({gpu_check.COMPILE_HERE})") == 1 and "bench-art-here --device cpu" in log
