@@ -118,7 +118,7 @@ class ContainerRunner:
 
         with zipfile.ZipFile(package) as archive:
             archive.extractall(scratch)
-        so = next(scratch.rglob("*.so"))
+        so = next(scratch.rglob("*.wrapper.so"), None) or next(scratch.rglob("*.so"))  # the model's, not a kernel's
         aoti = torch._C._aoti
         self.runner = (aoti.AOTIModelContainerRunnerCpu(str(so), 1) if device == "cpu" else
                        aoti.AOTIModelContainerRunnerCuda(str(so), 1, device, str(so.parent)))  # cubins beside it
