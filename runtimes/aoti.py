@@ -8,13 +8,21 @@ run before they are bound (it would crash), so binding happens in ``load``, alwa
 On CUDA, decode replays a captured CUDA graph per KV cache (runtimes/cuda_graphs.py) unless
 ``cuda_graphs=False``. ``random_weights=SEED`` binds random weights made on the device instead of
 reading weights/ (benchmarks of compile-only artifacts: speed does not depend on the values).
+
+A package is opened by torch's package loader (``aoti_load_package``), or, with the environment
+variable ``DBRX_AOT_AOTI_LOADER=container``, by AOTInductor's container runner alone on the .so
+extracted from it (``open_package``): a way round an image whose package loader crashes.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 from dbrx_aot.checkpoint import random_weights as make_random_weights
 from dbrx_aot.errors import DbrxAotError
@@ -24,6 +32,70 @@ from dbrx_aot.runtimes import KVCache
 from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_artifact_files
 from dbrx_aot.runtimes.cuda_graphs import DecodeGraphs
 from dbrx_aot.tp import shard
+
+
+# DBRX_AOT_AOTI_LOADER: what opens a package. "package" (the default): torch's AOTIModelPackageLoader.
+# "container": the .so extracted and opened by AOTIModelContainerRunner{Cpu,Cuda}, as
+# torch._export.aot_load opens a .so (on the H200, every process that had not compiled a CUDA
+# package died of SIGSEGV inside the package loader's constructor; see README, GPU check).
+AOTI_LOADERS = ("package", "container")
+
+
+class ContainerPackage:
+    """A .pt2 opened without torch's package loader: what this runtime asks of a loaded package
+    (``get_constant_fqns``, ``load_constants``, the call), on AOTInductor's container runner. The
+    extracted files (the .so, and on CUDA its cubins) live as long as this object."""
+
+    def __init__(self, package: Path, device: torch.device, run_single_threaded: bool = False):
+        self._files = tempfile.TemporaryDirectory(prefix="dbrx-aot-aoti-")
+        root = Path(self._files.name)
+        with zipfile.ZipFile(package) as archive:
+            archive.extractall(root)
+        so = next(root.rglob("*.wrapper.so"), None) or next(root.rglob("*.so"), None)  # the model's, not a kernel's
+        if so is None:
+            raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER=container opens only that)")
+        aoti = torch._C._aoti
+        if device.type == "cpu":
+            self.runner = aoti.AOTIModelContainerRunnerCpu(str(so), 1)
+        elif not run_single_threaded:
+            self.runner = aoti.AOTIModelContainerRunnerCuda(str(so), 1, str(device), str(so.parent))
+        else:
+            try:  # its cubins beside it; single-threaded, so that a CUDA graph can capture its run
+                self.runner = aoti.AOTIModelContainerRunnerCuda(str(so), 1, str(device), str(so.parent), True)
+            except TypeError:
+                raise DbrxAotError(f"{package}: torch {torch.__version__}'s container runner cannot run "
+                                   "single-threaded, which a CUDA graph capture needs (turn CUDA graphs off, or "
+                                   "unset DBRX_AOT_AOTI_LOADER)") from None
+        self._names = self.runner.get_constant_names_to_original_fqns()  # the runner's name -> fqn
+        self._out_spec = pytree.treespec_loads(self.runner.get_call_spec()[1])
+
+    def get_constant_fqns(self) -> list[str]:
+        return list(self._names.values())
+
+    def load_constants(self, weights: dict[str, torch.Tensor], check_full_update: bool, user_managed: bool) -> None:
+        by_name = {name: weights[fqn] for name, fqn in self._names.items()}
+        self.runner.update_constant_buffer(by_name, False, check_full_update, user_managed)
+
+    def __call__(self, *args: torch.Tensor | None):
+        # As the package loader's call: the tensors of the flattened arguments (a None is no input).
+        flat = [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(self.runner.run(flat), self._out_spec)
+
+
+def open_package(package: Path, device: torch.device, run_single_threaded: bool = False):
+    """One .pt2 opened the way DBRX_AOT_AOTI_LOADER says (package loader by default); not yet bound."""
+    loader = os.environ.get("DBRX_AOT_AOTI_LOADER", "package")
+    if loader not in AOTI_LOADERS:
+        raise DbrxAotError(f"DBRX_AOT_AOTI_LOADER={loader!r}: expected one of {', '.join(AOTI_LOADERS)}")
+    try:
+        if loader == "container":
+            return ContainerPackage(package, device, run_single_threaded)
+        return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
+                                                 device_index=-1 if device.index is None else device.index)
+    except DbrxAotError:
+        raise
+    except Exception as err:  # the loaders raise RuntimeError and friends with C++ messages
+        raise DbrxAotError(f"{package}: AOTInductor could not load it ({str(err).splitlines()[0]})") from None
 
 
 class AotiRuntime(ArtifactRuntime):
@@ -75,12 +147,7 @@ class AotiRuntime(ArtifactRuntime):
 
     def _load_package(self, graph: str, run_single_threaded: bool = False):
         package = self.path / self.manifest.graphs[graph]["aoti"]
-        try:
-            runner = torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
-                                                       device_index=self.device.index if self.device.type == "cuda"
-                                                       else -1)
-        except Exception as err:  # the loader raises RuntimeError and friends with C++ messages
-            raise DbrxAotError(f"{package}: AOTInductor could not load it ({str(err).splitlines()[0]})") from None
+        runner = open_package(package, self.device, run_single_threaded)
         fqns = runner.get_constant_fqns()
         missing = [f for f in fqns if f.removeprefix(STEP_PREFIX) not in self.weights]
         if missing:

@@ -10,15 +10,16 @@ Why: on the H200 (torch 2.11.0+cu130), every CUDA package of dbrx-aot died of SI
 ``AOTIModelPackageLoader``'s constructor when a fresh process loaded it (``verify``, ``bench``,
 ``serve``, a bare ``python3 -c "aoti_load_package(...)"`` with or without CUDA initialised first),
 about 45 s after the call, while the process that had compiled it loaded and ran it. ``build``
-compiles a two-layer MLP twice, with the weights in the .so (torch's default) and kept out of it
-as dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one package in a fresh
-process after an optional warm-up, prints each step's time, and where it has a reference, runs it
-against eager. Which of these die says whether it is dbrx-aot's graphs, its options, or AOTInductor
-on that machine, and which warm-up (if any) is a workaround. ``run`` is that workaround applied:
-a warm-up, then the dbrx-aot CLI in the same process, one command or several in a row (the GPU check
-measures with it where a plain fresh process cannot load a package: after the warm-up that let one,
-or, where none did, after compiling the artifact again in that process, as the GPU tests that pass
-compile and load theirs).
+compiles a two-layer MLP twice, with the weights in the .so (torch's default) and kept out of it as
+dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one package in a fresh
+process after an optional warm-up, as dbrx-aot's runtime opens one
+(``DBRX_AOT_AOTI_LOADER=container``: without torch's package loader), prints each step's time, and
+where it has a reference, runs it against eager. Which of these die says whether it is dbrx-aot's
+graphs, its options, the package loader, or AOTInductor on that machine, and which warm-up or loader
+(if any) is a workaround. ``run`` is that workaround applied: a warm-up, then the dbrx-aot CLI in
+the same process, one command or several in a row (the GPU check measures with it where a plain
+fresh process cannot load a package: after the warm-up that let one, or, where none did, after
+compiling the artifact again in that process, as the GPU tests that pass compile and load theirs).
 """
 
 from __future__ import annotations
@@ -30,14 +31,10 @@ import tempfile
 import threading
 import time
 import traceback
-import zipfile
 from pathlib import Path
 
 # What a loading process may do first, in a fresh process, before it loads the package.
 WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile")
-# What opens the package: torch's package loader (aoti_load_package, as dbrx-aot's runtime does), or
-# its .so extracted and opened by the container runner alone (as torch._export.aot_load opens a .so).
-LOADERS = ("package", "container")
 
 
 def mlp(device: str):
@@ -107,36 +104,9 @@ def watch_main_thread(every: float) -> threading.Event:
     return stop
 
 
-class ContainerRunner:
-    """A package's .so opened by AOTIModelContainerRunner{Cpu,Cuda} without AOTIModelPackageLoader
-    (which extracts the archive, reads its metadata and then builds this same runner): what is left
-    of a load when the package loader is taken away. The package's own ``get_constant_fqns``,
-    ``load_constants`` and call, on the runner's names."""
-
-    def __init__(self, package: Path, device: str, scratch: Path):
-        import torch
-
-        with zipfile.ZipFile(package) as archive:
-            archive.extractall(scratch)
-        so = next(scratch.rglob("*.wrapper.so"), None) or next(scratch.rglob("*.so"))  # the model's, not a kernel's
-        aoti = torch._C._aoti
-        self.runner = (aoti.AOTIModelContainerRunnerCpu(str(so), 1) if device == "cpu" else
-                       aoti.AOTIModelContainerRunnerCuda(str(so), 1, device, str(so.parent)))  # cubins beside it
-        self.names = self.runner.get_constant_names_to_original_fqns()  # runner name -> fqn
-
-    def get_constant_fqns(self) -> list[str]:
-        return list(self.names.values())
-
-    def load_constants(self, weights: dict, check_full_update: bool, user_managed: bool) -> None:
-        by_name = {name: weights[fqn] for name, fqn in self.names.items()}
-        self.runner.update_constant_buffer(by_name, False, check_full_update, user_managed)
-
-    def __call__(self, *inputs):
-        return self.runner.run(list(inputs))[0]
-
-
-def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float,
-         loader: str = "package") -> None:
+def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float) -> None:
+    """Opened as dbrx-aot's runtime opens a package (``open_package``: torch's package loader, or with
+    DBRX_AOT_AOTI_LOADER=container its .so by the container runner alone)."""
     t0 = time.monotonic()
 
     def say(step: str) -> None:
@@ -144,7 +114,8 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
 
     watching = watch_main_thread(15)
     import torch
-    import torch._inductor
+
+    from dbrx_aot.runtimes.aoti import open_package
 
     say(f"torch {torch.__version__} imported")
     warm_up(warm, device)
@@ -161,9 +132,7 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
         timer = threading.Timer(interrupt_after, lambda: signal.pthread_kill(main, signal.SIGTRAP))
         timer.daemon = True
         timer.start()
-    scratch = tempfile.TemporaryDirectory()
-    runner = (torch._inductor.aoti_load_package(str(package)) if loader == "package"
-              else ContainerRunner(package, device, Path(scratch.name)))
+    runner = open_package(package, torch.device(device))
     if timer is not None:
         timer.cancel()
     fqns = runner.get_constant_fqns()
@@ -179,8 +148,6 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
         torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
         say("ran: matches eager")
     watching.set()
-    del runner  # before its .so's folder goes
-    scratch.cleanup()
 
 
 def run_cli(argv: list[str]) -> int:
@@ -213,8 +180,6 @@ def main() -> int:
     ld.add_argument("package", type=Path)
     ld.add_argument("--device", default="cuda")
     ld.add_argument("--warm", choices=WARM_UPS, default="none")
-    ld.add_argument("--loader", choices=LOADERS, default="package",
-                    help="what opens it: torch's package loader, or the .so alone by the container runner")
     ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
     ld.add_argument("--interrupt-after", type=float, default=0.0,
                     help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
@@ -230,7 +195,7 @@ def main() -> int:
     elif args.command == "build":
         build(args.dir, args.device)
     else:
-        load(args.package, args.device, args.warm, args.reference, args.interrupt_after, args.loader)
+        load(args.package, args.device, args.warm, args.reference, args.interrupt_after)
     return 0
 
 
