@@ -183,14 +183,19 @@ class Check:
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
         self.in_process = False  # a bench's measuring process died: later benches measure in the CLI's process
         # Set by the load probe: why a plain fresh process cannot load a package, and the first of
-        # LOAD_WORKAROUNDS that let one (the aoti commands then go through it), or, where none did,
-        # compile_here (the aoti benches then compile their artifact again in their own process).
+        # LOAD_WORKAROUNDS that let one (the aoti commands then go through it; where none did, see
+        # compile_here).
         self.fresh_load_fails: str | None = None
         self.workaround: tuple[str, str, dict[str, str]] | None = None
-        self.compile_here = False
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
+
+    @property
+    def compile_here(self) -> bool:
+        """A fresh process cannot load a package and no way the load probe tried let one: the aoti
+        benches compile their artifact again in their own process (COMPILE_HERE)."""
+        return self.fresh_load_fails is not None and self.workaround is None
 
     # -- running things ------------------------------------------------------------------------
 
@@ -456,7 +461,6 @@ class Check:
         if plain and not plain.startswith(("ok", "not run")):
             self.fresh_load_fails = plain
             self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
-            self.compile_here = self.workaround is None
             self.figures["workaround"] = (
                 f"a fresh process could not load decode.pt2 ({plain}); "
                 + (f"the aoti commands ran in the CLI's own process the way that let one: {self.workaround[0]}"
@@ -772,6 +776,7 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
     steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
     done = "; ".join(f"{step} at {t} s" for t, step in steps
                      if not step.startswith(("torch ", "warm-up", "the loader's")))
+
     def at(prefix: str) -> float | None:
         return next((float(t) for t, step in steps if step.startswith(prefix)), None)
 
