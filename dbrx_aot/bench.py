@@ -102,8 +102,36 @@ def rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+# Rows of a decode profile (bench --profile): the kernels (CPU: operators) that take the most time.
+PROFILE_ROWS = 12
+
+
+def profile_decode(rt: Runtime, nxt: torch.Tensor, start: int, cache, steps: int) -> dict:
+    """``steps`` decode steps (positions ``start``..: slots the timed steps wrote, rewritten) under
+    torch.profiler: the kernels by their own time on the device (operators by their own CPU time on
+    a CPU, where AOTInductor's own C++ kernels are no operators and go uncounted), per step, largest
+    first, and their sum per step (beside the step's time: on a GPU the rest is the device idle).
+    Where Inductor fused a gather into its reduction, the kernel's name says so
+    (``triton_red_fused_index_select_mul_sum_N``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = rt.device.type == "cuda"
+    B = rt.batch_size
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_device) as prof:
+        for i in range(steps):
+            logits = rt.decode(nxt, torch.full((B, 1), start + i), cache)
+            nxt = logits[:, 0].argmax(-1, keepdim=True)
+        sync(rt.device)
+    events = [e for e in prof.key_averages() if not on_device or e.self_device_time_total > 0]
+    own = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events) or 1
+    return {"ms_per_step": total / 1e3 / steps,
+            "rows": [{"name": e.key, "ms_per_step": own(e) / 1e3 / steps, "calls_per_step": e.count / steps,
+                      "share": own(e) / total} for e in sorted(events, key=own, reverse=True)[:PROFILE_ROWS]]}
+
+
 @torch.inference_mode()
-def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 3, profile_steps: int = 0) -> dict:
     B, P, S = rt.batch_size, rt.prefill_chunk, rt.max_seq_len
     if prompt_len + new_tokens > S:
         raise DbrxAotError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the cache of {S} positions")
@@ -143,13 +171,16 @@ def bench_runtime(rt: Runtime, prompt_len: int, new_tokens: int, repeats: int = 
     prefill_s = statistics.median(prefill_times)
     quantiles = statistics.quantiles(step_ms, n=10) if len(step_ms) > 1 else step_ms * 9
     mean_ms = statistics.fmean(step_ms)
-    return {
+    result = {
         "prefill_tokens_per_s": B * prompt_len / prefill_s,
         "decode_tokens_per_s": B * 1e3 / mean_ms,
         "decode_steps_per_s": 1e3 / mean_ms,
         "decode_ms_p50": statistics.median(step_ms),
         "decode_ms_p90": quantiles[8],
     }
+    if profile_steps:  # after the timed steps, so that the profiler's cost is in none of them
+        result["decode_profile"] = profile_decode(rt, nxt, prompt_len, cache, min(profile_steps, new_tokens))
+    return result
 
 
 def aoti_options(runtimes: list[str], cuda_graphs: bool | None, random_weights: int | None) -> dict:
@@ -165,17 +196,20 @@ def aoti_options(runtimes: list[str], cuda_graphs: bool | None, random_weights: 
 
 def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int = 64, new_tokens: int = 32,
           verify_checksums: bool = True, progress: bool = True, cuda_graphs: bool | None = None,
-          random_weights: int | None = None, isolate: bool = True) -> dict:
+          random_weights: int | None = None, isolate: bool = True, profile_steps: int = 0) -> dict:
     """Each runtime in turn, each in a fresh process of its own (so its memory figures are its own,
     not what an earlier runtime left allocated): load time, prefill and decode speed, memory, and
     the fraction of the memory-bandwidth limit decode reaches (the bandwidth is measured here, in
     the same run, on the same device). ``isolate=False`` measures them in this process instead.
 
     ``cuda_graphs`` and ``random_weights`` are aoti options (runtimes/aoti.py); random weights let
-    a compile-only (--skip-weights) artifact at real width be measured."""
+    a compile-only (--skip-weights) artifact at real width be measured. ``profile_steps``: that many
+    decode steps profiled after the timed ones (``profile_decode``), into ``decode_profile``."""
     for option, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
         if value < 1:
             raise DbrxAotError(f"{option} {value}: expected a positive integer")
+    if profile_steps < 0:
+        raise DbrxAotError(f"--profile {profile_steps}: expected a number of decode steps, 0 or more")
     options = aoti_options(runtimes, cuda_graphs, random_weights)
     dev = resolve_device(device)
     bandwidth, read_limit = copy_bandwidth(dev), read_bandwidth(dev)
@@ -186,7 +220,8 @@ def bench(path: Path, runtimes: list[str], device: str = "cpu", prompt_len: int 
     tp = world()[1]
     isolated = isolate and tp == 1  # under torchrun each rank measures in its own process, in lock step
     for name in tqdm(runtimes, desc="benchmarking", disable=not progress):
-        args = (path, name, device, prompt_len, new_tokens, verify_checksums, options if name == "aoti" else {})
+        args = (path, name, device, prompt_len, new_tokens, verify_checksums, options if name == "aoti" else {},
+                profile_steps)
         if isolated:
             result = run_isolated(f"the {name} runtime", bench_one, *args)
         else:
@@ -275,7 +310,7 @@ def collective_ms(path: Path, device: torch.device, repeats: int = 20) -> float:
 
 
 def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: int, verify_checksums: bool,
-              options: dict) -> dict:
+              options: dict, profile_steps: int = 0) -> dict:
     """One runtime, measured in the calling process (``bench`` runs it in a process of its own)."""
     base_rss = rss_gb()
     start = time.perf_counter()
@@ -283,7 +318,7 @@ def bench_one(path: Path, name: str, device: str, prompt_len: int, new_tokens: i
     load_s = time.perf_counter() - start
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    result = bench_runtime(rt, prompt_len, new_tokens)
+    result = bench_runtime(rt, prompt_len, new_tokens, profile_steps=profile_steps)
     shapes = load_manifest_or_none(path)
     weights_format = shapes["weights_format"] if shapes else "same"
     parts = decode_bytes(rt.config, rt.batch_size, rt.max_seq_len, rt.decode_moe, rt.dtype.itemsize, weights_format,
@@ -348,4 +383,12 @@ def format_table(report: dict) -> str:
     lines.append("decode ms per layer (p50 / layers): " + ", ".join(
         f"{name} {r['decode_ms_per_layer']:.3f}{' (CUDA graphs)' if r['cuda_graphs'] else ''}"
         for name, r in report["results"].items()))
+    for name, r in report["results"].items():
+        if r.get("decode_profile"):
+            prof = r["decode_profile"]
+            lines += [f"{name}: a decode step's {'kernels' if report['device'].startswith('cuda') else 'operators'}, "
+                      f"profiled after the timed steps: {prof['ms_per_step']:.3f} ms a step in all (the step's p50: "
+                      f"{r['decode_ms_p50']:.3f} ms); ms a step, calls a step, share"]
+            lines += [f"  {row['ms_per_step']:8.3f} {row['calls_per_step']:6.1f} {row['share']:6.1%}  {row['name']}"
+                      for row in prof["rows"]]
     return "\n".join(lines)

@@ -476,11 +476,15 @@ def verify_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompts_file:
 @click.option("--in-process", is_flag=True,
               help="Measure in this process, not in a fresh process per runtime (then a runtime's memory "
                    "figures include what the runtimes before it left).")
+@click.option("--profile", "profile_steps", default=0, show_default=True, metavar="STEPS",
+              help="After the timed steps, profile this many decode steps: the kernels (on CPU, the operators) "
+                   "that take a step's time.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @common_options
 @handles_errors
 def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: int, new_tokens: int,
-              cuda_graphs: bool | None, random_weights: int | None, in_process: bool, as_json: bool) -> None:
+              cuda_graphs: bool | None, random_weights: int | None, in_process: bool, profile_steps: int,
+              as_json: bool) -> None:
     """Prefill and decode speed of each runtime in one run, vs eager and vs the memory-bandwidth limit.
 
     \b
@@ -499,7 +503,7 @@ def bench_cmd(path: Path, runtimes: tuple[str, ...], device: str, prompt_len: in
         names = ["aoti"] if random_weights is not None else ["eager"] + artifact_runtimes(Manifest.read(path).formats)
     report = bench(path, names, device=device, prompt_len=prompt_len, new_tokens=new_tokens,
                    verify_checksums=verify_checksums(), progress=progress_enabled(), cuda_graphs=cuda_graphs,
-                   random_weights=random_weights, isolate=not in_process)
+                   random_weights=random_weights, isolate=not in_process, profile_steps=profile_steps)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 

@@ -10,12 +10,14 @@ On CUDA, decode replays a captured CUDA graph per KV cache (runtimes/cuda_graphs
 reading weights/ (benchmarks of compile-only artifacts: speed does not depend on the values).
 
 A package is opened by torch's package loader (``aoti_load_package``), or, with the environment
-variable ``DBRX_AOT_AOTI_LOADER=container``, by AOTInductor's container runner alone on the .so
-extracted from it (``open_package``): a way round an image whose package loader crashes.
+variable ``DBRX_AOT_AOTI_LOADER=container`` (or ``deepbind``), by AOTInductor's container runner
+alone on the .so extracted from it (``open_package``): ways round an image where a fresh process
+crashes loading a CUDA package (README, GPU check).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 import zipfile
@@ -38,7 +40,10 @@ from dbrx_aot.tp import shard
 # "container": the .so extracted and opened by AOTIModelContainerRunner{Cpu,Cuda}, as
 # torch._export.aot_load opens a .so (on the H200, every process that had not compiled a CUDA
 # package died of SIGSEGV inside the package loader's constructor; see README, GPU check).
-AOTI_LOADERS = ("package", "container")
+# "deepbind": as "container", the .so first opened with RTLD_DEEPBIND, so that its symbols bind to
+# its own dependencies (libstdc++) ahead of any library loaded into the process's global scope (the
+# third H200 run's crash was in std::regex's locale lookup inside the .so's constructor).
+AOTI_LOADERS = ("package", "container", "deepbind")
 
 
 class ContainerPackage:
@@ -46,14 +51,18 @@ class ContainerPackage:
     (``get_constant_fqns``, ``load_constants``, the call), on AOTInductor's container runner. The
     extracted files (the .so, and on CUDA its cubins) live as long as this object."""
 
-    def __init__(self, package: Path, device: torch.device, run_single_threaded: bool = False):
+    def __init__(self, package: Path, device: torch.device, run_single_threaded: bool = False,
+                 deepbind: bool = False):
         self._files = tempfile.TemporaryDirectory(prefix="dbrx-aot-aoti-")
         root = Path(self._files.name)
         with zipfile.ZipFile(package) as archive:
             archive.extractall(root)
         so = next(root.rglob("*.wrapper.so"), None) or next(root.rglob("*.so"), None)  # the model's, not a kernel's
         if so is None:
-            raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER=container opens only that)")
+            raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER={os.environ.get('DBRX_AOT_AOTI_LOADER')} "
+                               "opens only that)")
+        # Opened here first, the runner's own dlopen of the same path gets this handle, bound as asked.
+        self._deepbound = ctypes.CDLL(str(so), os.RTLD_NOW | os.RTLD_DEEPBIND) if deepbind else None
         aoti = torch._C._aoti
         if device.type == "cpu":
             self.runner = aoti.AOTIModelContainerRunnerCpu(str(so), 1)
@@ -88,8 +97,8 @@ def open_package(package: Path, device: torch.device, run_single_threaded: bool 
     if loader not in AOTI_LOADERS:
         raise DbrxAotError(f"DBRX_AOT_AOTI_LOADER={loader!r}: expected one of {', '.join(AOTI_LOADERS)}")
     try:
-        if loader == "container":
-            return ContainerPackage(package, device, run_single_threaded)
+        if loader in ("container", "deepbind"):
+            return ContainerPackage(package, device, run_single_threaded, deepbind=loader == "deepbind")
         return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
                                                  device_index=-1 if device.index is None else device.index)
     except DbrxAotError:

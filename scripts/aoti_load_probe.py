@@ -25,6 +25,8 @@ compiling the artifact again in that process, as the GPU tests that pass compile
 from __future__ import annotations
 
 import argparse
+import fcntl
+import re
 import signal
 import sys
 import tempfile
@@ -34,7 +36,11 @@ import traceback
 from pathlib import Path
 
 # What a loading process may do first, in a fresh process, before it loads the package.
-WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile")
+WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile", "aoti-compile-load")
+# libstdc++'s symbols that the crash's stack goes through (std::regex in AOTInductorModel's
+# parse_device_str: the locale, its collate facet's id): which loaded library each resolves to.
+STD_SYMBOLS = ("_ZNSt6locale7classicEv", "_ZNSt6localeC1Ev", "_ZNSt7__cxx117collateIcE2idE",
+               "_ZNSt5ctypeIcE2idE")
 
 
 def mlp(device: str):
@@ -82,9 +88,68 @@ def warm_up(how: str, device: str) -> None:
         torch.zeros(1, device=device).add_(1)
     elif how == "compile":
         torch.compile(lambda t: t * 2 + 1)(torch.ones(8, device=device))
-    elif how == "aoti-compile":
+    elif how in ("aoti-compile", "aoti-compile-load"):
         with tempfile.TemporaryDirectory() as tmp:
             compile_mlp(Path(tmp) / "warm.pt2", device, {})
+            if how == "aoti-compile-load":  # a package this process compiled: does it load here?
+                from dbrx_aot.runtimes.aoti import open_package
+
+                model, x = mlp(device)
+                with torch.no_grad():
+                    got = open_package(Path(tmp) / "warm.pt2", torch.device(device))(x)
+                    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+                print("probe: a package this process compiled loaded and ran", flush=True)
+
+
+def std_library_report(package: Path) -> list[str]:
+    """Where the process resolves the libstdc++ symbols that the fresh-load crash's stack goes
+    through, which loaded libraries define std::locale themselves, and what the package's .so holds
+    of libstdc++: whether a second copy of the C++ library's locale is what it reads."""
+    import ctypes
+    import os
+    import subprocess
+    import zipfile
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                    ("saddr", ctypes.c_void_p)]
+
+    scope = ctypes.CDLL(None)  # the process's global scope, as an unqualified dlsym sees it
+    dladdr = scope.dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    lines = []
+    for symbol in STD_SYMBOLS:
+        try:
+            address = ctypes.addressof(ctypes.c_char.in_dll(scope, symbol))
+        except ValueError:
+            lines.append(f"{symbol}: not in the global scope")
+            continue
+        info = DlInfo()
+        dladdr(address, ctypes.byref(info))
+        lines.append(f"{symbol}: {(info.fname or b'?').decode()}")
+
+    def nm(path: str) -> list[str]:
+        out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True)
+        return out.stdout.splitlines()
+
+    with open(f"/proc/{os.getpid()}/maps") as maps:
+        libraries = sorted({line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]})
+    own = [f"{lib} ({n})" for lib in libraries
+           if (n := sum("_ZNSt6locale" in sym for sym in nm(lib))) and "libstdc++" not in lib]
+    lines.append(f"{len(libraries)} libraries loaded; defining std::locale besides libstdc++: {own or 'none'}")
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(package) as archive:
+        name = next((n for n in archive.namelist() if n.endswith(".wrapper.so")), None)
+        if name is not None:
+            so = archive.extract(name, tmp)
+            symbols = nm(so)
+            dynamic = subprocess.run(["readelf", "-d", so], capture_output=True, text=True).stdout
+            needs = ", ".join(re.findall(r"Shared library: \[([^]]+)\]", dynamic))
+            unshift = any("_ZNKSt7codecvtIDsc11__mbstate_tE10do_unshift" in sym for sym in symbols)
+            lines.append(f"the package's .so: {len(symbols)} symbols defined, "
+                         f"{sum('_ZNSt6locale' in sym for sym in symbols)} of std::locale, "
+                         f"codecvt<char16_t>::do_unshift {'defined' if unshift else 'not defined'}; needs {needs}"
+                         + ("; linked -Bsymbolic" if "SYMBOLIC" in dynamic else ""))
+    return lines
 
 
 def watch_main_thread(every: float) -> threading.Event:
@@ -104,7 +169,8 @@ def watch_main_thread(every: float) -> threading.Event:
     return stop
 
 
-def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float) -> None:
+def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float,
+         libraries: bool = False) -> None:
     """Opened as dbrx-aot's runtime opens a package (``open_package``: torch's package loader, or with
     DBRX_AOT_AOTI_LOADER=container its .so by the container runner alone)."""
     t0 = time.monotonic()
@@ -126,6 +192,9 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
 
     get_device_information(torch.device(device).type)
     say("the loader's device check done")
+    if libraries:
+        for line in std_library_report(package):
+            say(f"libstdc++: {line}")
     timer = None
     if interrupt_after > 0:  # under a debugger: stop the main thread once, so that its native stack is printed
         main = threading.main_thread().ident
@@ -150,9 +219,11 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     watching.set()
 
 
-def run_cli(argv: list[str]) -> int:
+def run_cli(argv: list[str], lock: Path | None = None) -> int:
     """The dbrx-aot CLI in this process, once per command (commands separated by ``--``), in order;
-    the first that fails ends the run with its exit code."""
+    the first that fails ends the run with its exit code. With ``lock``, the first ``bench`` and all
+    after it run holding that file's lock (flock), so that processes compiling side by side measure
+    one at a time."""
     from dbrx_aot.cli import cli
 
     commands: list[list[str]] = [[]]
@@ -162,6 +233,14 @@ def run_cli(argv: list[str]) -> int:
         else:
             commands[-1].append(arg)
     for command in filter(None, commands):
+        if lock is not None and "bench" in command[:2]:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # waiting, it holds none of the GPU memory its export left cached
+            held = lock.open("a")
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when this process ends
+            lock = None
         try:
             cli.main(args=command, prog_name="dbrx-aot")
         except SystemExit as done:  # click's standalone mode ends every command with one
@@ -183,19 +262,22 @@ def main() -> int:
     ld.add_argument("--reference", type=Path, help="linear.pt from build: run the package against eager")
     ld.add_argument("--interrupt-after", type=float, default=0.0,
                     help="send the main thread SIGTRAP after this many seconds of loading (for a debugger)")
+    ld.add_argument("--libraries", action="store_true",
+                    help="before loading: where libstdc++'s locale symbols resolve, and what the .so holds of them")
     r = sub.add_parser("run", help="warm up, then run the dbrx-aot CLI (the arguments after --; several commands "
                                     "separated by --) in this process")
     r.add_argument("--device", default="cuda")
     r.add_argument("--warm", choices=WARM_UPS, default="none")
+    r.add_argument("--lock", type=Path, help="measure (from the first bench on) holding this file's lock")
     r.add_argument("cli", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.command == "run":
         warm_up(args.warm, args.device)
-        return run_cli(args.cli)
+        return run_cli(args.cli, args.lock)
     elif args.command == "build":
         build(args.dir, args.device)
     else:
-        load(args.package, args.device, args.warm, args.reference, args.interrupt_after)
+        load(args.package, args.device, args.warm, args.reference, args.interrupt_after, args.libraries)
     return 0
 
 

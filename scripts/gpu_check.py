@@ -44,6 +44,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -111,13 +112,20 @@ PROBE = ROOT / "scripts" / "aoti_load_probe.py"
 PROBE_INTERRUPT_S = 20
 # The load probe's ways of loading decode.pt2 in a fresh process that may work around a plain load
 # that dies, in the order the benches try them: (its line's name, the warm-up, the environment).
+# The third H200 run's stack of the crash: AOTInductorModel's constructor -> parse_device_str ->
+# std::regex -> regex_traits::transform_primary -> a call into the wrong facet (codecvt<char16_t>),
+# inside the .so; and four earlier ways died alike (without the CPU ISA check, after torch.compile
+# ran a kernel, after an AOTInductor compile, without the package loader). So these ask whether the
+# .so reads a second copy of libstdc++'s locale, and whether a process that loaded a package of its
+# own (as the compiling process has) then loads this one.
 LOAD_WORKAROUNDS = (
-    ("decode.pt2 without Inductor's CPU ISA build check", "none", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}),
-    ("decode.pt2 after torch.compile ran a kernel", "compile", {}),
-    ("decode.pt2 after an AOTInductor compile", "aoti-compile", {}),
-    # torch's package loader taken away: the runtime opens the .so by the container runner alone.
-    # Where only this way loads, the fault is in the package loader, and this is the fix to ship.
-    ("decode.pt2's .so without the package loader", "none", {"DBRX_AOT_AOTI_LOADER": "container"}))
+    # Its symbols bound to its own dependencies first: where a library in the process's global scope
+    # interposes libstdc++'s locale, this is the runtime's fix (runtimes/aoti.py).
+    ("decode.pt2's .so opened with RTLD_DEEPBIND", "none", {"DBRX_AOT_AOTI_LOADER": "deepbind"}),
+    # The system's libstdc++ first in the global scope, ahead of anything that brings its own.
+    ("decode.pt2 with libstdc++ preloaded", "none", {"LD_PRELOAD": "libstdc++.so.6"}),
+    ("decode.pt2 in the C locale", "none", {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"}),
+    ("decode.pt2 after loading a package of its own", "aoti-compile-load", {}))
 # Where no way the load probe tried let a fresh process load a package: each aoti bench compiles its
 # artifact again in the CLI's own process (a new directory and Inductor cache: a real compile, as the
 # GPU tests that pass compile and load theirs), then measures there. One compile per artifact.
@@ -156,6 +164,10 @@ def json_reports(out: str) -> list[dict]:
     return reports
 
 
+def slice_run_of(name: str, plan) -> tuple[int, str, str, str]:
+    return next(run for run in slice_runs(plan) if slice_name(*run) == name)
+
+
 def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
     return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
             + ("" if attention == "auto" else f"-{attention}") + ("" if moe == "auto" else f"-{moe}"))
@@ -187,6 +199,13 @@ class Check:
         # compile_here).
         self.fresh_load_fails: str | None = None
         self.workaround: tuple[str, str, dict[str, str]] | None = None
+        self.loading_decided = threading.Event()  # set once the above are known (decide_loading)
+        # COMPILE_HERE slices, started as soon as that is decided: name -> (reports by run, failures).
+        self.slices_here: dict[str, concurrent.futures.Future] = {}
+        self.background = concurrent.futures.ThreadPoolExecutor(len(slice_runs(self.plan)))  # runs them
+        # Held by this script while it measures (or runs the tests); a COMPILE_HERE process measures
+        # holding it, so that no two measurements overlap (aoti_load_probe.py run --lock).
+        self.measure_lock = self.work / "measure.lock"
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
@@ -363,6 +382,10 @@ class Check:
         # turns (export.aoti.compile_lock; the slices' decode graphs are alike, and AOTInductor builds
         # a graph in <cache>/<hash of its code>/).
         env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / ("inductor-" + re.sub(r"[^\w.-]+", "-", name)))}
+        if name != "bench artifact":  # needed only where a fresh process can load what it exports
+            self.loading_decided.wait(max(0.0, self.left()))
+            if self.compile_here:
+                return True, 0.0, f"not needed ({COMPILE_HERE})"
         with self.slice_slots if name.startswith("slice ") else contextlib.nullcontext():
             for cmd in commands:
                 rc, out = self.run(name, cmd, 480, env)
@@ -400,27 +423,16 @@ class Check:
 
     def load_probe(self, bench_export) -> dict[str, str]:
         """Whether an AOTInductor package loads in a process that did not compile it: variant -> one
-        line (``ok: ...``, or how and when it died). A two-layer MLP's packages (weights in the .so,
-        and bound at load as dbrx-aot binds them), then, once ``bench_export`` (the small preset's
-        artifact) is built, its decode.pt2 plainly, after two warm-ups (Inductor having run a kernel;
-        AOTInductor having compiled a package: the state of the process that compiled it, which
-        loads it), without the CPU ISA check (where the ~45 s before the crash may go), its .so
-        opened by the container runner without the package loader (DBRX_AOT_AOTI_LOADER=container),
-        and under the debugger (stopped once after PROBE_INTERRUPT_S, then to its end)."""
-        d, dev = self.work / "probe", self.device
+        line (``ok: ...``, or how and when it died). Once ``bench_export`` (the small preset's
+        artifact) is built: its decode.pt2 plainly (with the libstdc++ report: where the locale's
+        symbols resolve, what the .so holds of them), each of LOAD_WORKAROUNDS, and under the debugger
+        (stopped once after PROBE_INTERRUPT_S, then to its end). Decides, as soon as all but the
+        debugged load have ended, how the aoti commands run (``decide_loading``)."""
+        dev = self.device
         probe = [self.python, str(PROBE)]
         cache = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor-probe")}
         variants: dict[str, tuple[list[str], dict[str, str]]] = {}  # name -> (command, its environment)
         outcomes: dict[str, str] = {}
-        rc, out = self.run("load probe: build the MLP's packages", probe + ["build", str(d), "--device", dev], 300,
-                           cache)
-        if rc:
-            outcomes["mlp"] = f"not built: exit {rc}: {last_line(out)}"
-        else:
-            for name, what in (("linear-in-so", "weights in the .so"),
-                               ("linear-user-constants", "weights bound at load, as dbrx-aot's")):
-                variants[f"mlp, {what}"] = (probe + ["load", str(d / f"{name}.pt2"), "--device", dev,
-                                                     "--reference", str(d / "linear.pt")], {})
         ok, _, why = bench_export.result()
         decode = self.work / "bench-art" / "aoti" / "decode.pt2"
         if not ok or not decode.is_file():
@@ -428,7 +440,7 @@ class Check:
         else:
             load = probe + ["load", str(decode), "--device", dev]
             # With the loader's own log lines (extraction, with times).
-            variants["decode.pt2"] = (load, {"TORCH_CPP_LOG_LEVEL": "INFO"})
+            variants["decode.pt2"] = (load + ["--libraries"], {"TORCH_CPP_LOG_LEVEL": "INFO"})
             for name, warm, env in LOAD_WORKAROUNDS:
                 variants[name] = (load + ["--warm", warm], env)
             tool = self.environment.get("debugger")
@@ -442,6 +454,8 @@ class Check:
             rc, out = self.run(f"load probe: {name}", cmd, 240, {**cache, **env})
             if " under " in name:
                 return debugged_probe(out, rc)
+            if name == "decode.pt2":
+                self.figures["libstdcxx"] = libstdcxx_report(out)
             return probe_outcome(out, rc, time.monotonic() - started)
 
         # The load under the debugger is waited for last (debugged_load_stage): it may take minutes,
@@ -452,11 +466,19 @@ class Check:
         self.debugged_loads = {name: f for name, f in futures.items() if " under " in name}
         outcomes.update({name: f.result() for name, f in futures.items() if name not in self.debugged_loads})
         self.say("load probe: " + "; ".join(f"{k}: {v}" for k, v in outcomes.items()))
+        self.decide_loading(outcomes)
         return outcomes
 
-    def load_probe_stage(self, probe) -> str:
-        outcomes = probe.result()
-        self.figures["load_probe"] = outcomes
+    def probe_then_decide(self, bench_export) -> dict[str, str]:
+        try:
+            return self.load_probe(bench_export)
+        finally:  # a probe that broke decides nothing, and keeps nothing waiting
+            self.loading_decided.set()
+
+    def decide_loading(self, outcomes: dict[str, str]) -> None:
+        """How the aoti commands load a package, from the load probe's outcomes: plainly; through the
+        first of LOAD_WORKAROUNDS that loaded; or, where none did, compiled again where measured
+        (``compile_here``). Then lets the exports that waited for it go on (``run_job``)."""
         plain = outcomes.get("decode.pt2", "")
         if plain and not plain.startswith(("ok", "not run")):
             self.fresh_load_fails = plain
@@ -467,6 +489,14 @@ class Check:
                    if self.workaround is not None else
                    f"no way the load probe tried let one; the aoti benches and slices measured {COMPILE_HERE}, "
                    "no verify diagnosis"))
+        if self.compile_here and "slice" in self.stages_chosen:
+            self.slices_here = {slice_name(*run): self.background.submit(self.slice_compiled_here, run)
+                                for run in slice_runs(self.plan)}
+        self.loading_decided.set()
+
+    def load_probe_stage(self, probe) -> str:
+        outcomes = probe.result()
+        self.figures["load_probe"] = outcomes
         text = "; ".join(f"{name}: {line}" for name, line in outcomes.items())
         if not all(line.startswith(("ok", "passed")) for line in outcomes.values()):
             raise StageFailed(text)
@@ -512,17 +542,20 @@ class Check:
             raise StageFailed(f"{label}: exit {rc}: {last_line(out)}")
         return json_reports(out)[0]
 
-    def benches_compiled_here(self, label: str, path: Path,
-                              runs: list[tuple[str, tuple[str, ...]]]) -> tuple[dict[str, dict], list[str]]:
+    def benches_compiled_here(self, label: str, path: Path, runs: list[tuple[str, tuple[str, ...]]],
+                              measure_apart: bool = False) -> tuple[dict[str, dict], list[str]]:
         """COMPILE_HERE: ``path``'s export again, into a new directory and Inductor cache, then
         ``bench --json`` with each run's options on it, all in one process (the load probe's ``run``):
-        the reports by run name, and what failed (the runs after a failed one have no report)."""
+        the reports by run name, and what failed (the runs after a failed one have no report).
+        ``measure_apart``: the benches wait for ``measure_lock`` (compiles side by side, measurements
+        one at a time)."""
         export = next(cmd for artifact, cmds in self.jobs.values() if artifact == path
                       for cmd in cmds if "export" in cmd)
         export = export[export.index("export"):]
         here = path.with_name(path.name + "-here")
         export[export.index("-o") + 1] = str(here)
-        cmd = [self.python, str(PROBE), "run", "--device", self.device, "--", "--quiet", *export]
+        lock = ["--lock", str(self.measure_lock)] if measure_apart else []
+        cmd = [self.python, str(PROBE), "run", "--device", self.device, *lock, "--", "--quiet", *export]
         for _, options in runs:
             cmd += ["--", "--quiet", "bench", str(here), "--device", self.device, "--json", *options, "--in-process"]
         rc, out = self.run(f"{label} ({COMPILE_HERE})", cmd, 480,
@@ -617,10 +650,31 @@ class Check:
         tok = report["results"]["aoti"]["decode_tokens_per_s"]
         return f"{what}: ran, decode {tok:.1f} tok/s (the split reductions are the likely cause)"
 
+    def slice_compiled_here(self, run: tuple[int, str, str, str]) -> tuple[dict[str, dict], list[str]]:
+        """One slice, COMPILE_HERE: compiled beside the others (as many at once as the GPU holds),
+        then measured with CUDA graphs on and off, apart from every other measurement."""
+        p, name = self.plan, slice_name(*run)
+        args = ("--runtime", "aoti", "--random-weights", "0", "--prompt-len", str(p.slice_prompt_len),
+                "--new-tokens", str(p.slice_new_tokens), "--profile", str(PROFILE_STEPS))
+        runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
+        with self.slice_slots:
+            return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, measure_apart=True)
+
     def slice_stage(self) -> str:
         p = self.plan
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
+        if self.slices_here:
+            for name, future in self.slices_here.items():
+                reports, why = future.result()
+                failed += why
+                for run, report in reports.items():
+                    key = name + ("" if run == "aoti" else " without CUDA graphs")
+                    texts.append(self.slice_figures(key, dict(zip(("batch", "weights", "attention", "moe"),
+                                                                  slice_run_of(name, p))), report))
+            if failed:
+                raise StageFailed("; ".join(texts + failed))
+            return "; ".join(texts)
         # The small preset's aoti benches all failed: if the first slice fails too, the rest would
         # fail alike, and the device minutes they would spend are better left for a rerun.
         bench_runs = self.figures.get("bench", {}).get("runs")
@@ -631,7 +685,8 @@ class Check:
                 failed.append(f"slice {name}: not run (the small preset's aoti benches and the first slice failed)")
                 continue
             args = (self.work / f"slice-{name}", "--runtime", "aoti", "--random-weights", "0",
-                    "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens))
+                    "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens),
+                    "--profile", str(PROFILE_STEPS))
             try:
                 report = self.bench(f"slice {name}", *args)
             except StageFailed as err:
@@ -643,17 +698,21 @@ class Check:
                 except StageFailed as again:
                     failed.append(str(again))
                     continue
-            r = report["results"]["aoti"]
-            self.figures["slice"][name] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
-                                           "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                           "weights": weights, "attention": attention, "moe": moe,
-                                           "prompt_len": p.slice_prompt_len, **pick(r)}
-            texts.append(f"{name}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
-                         f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
-                         f"prefill {r['prefill_tokens_per_s']:.0f} tok/s")
+            texts.append(self.slice_figures(name, {"weights": weights, "attention": attention, "moe": moe}, report))
         if failed:
             raise StageFailed("; ".join(texts + failed))
         return "; ".join(texts)
+
+    def slice_figures(self, key: str, how: dict, report: dict) -> str:
+        """A slice bench's figures into the summary (under ``key``); its line."""
+        r = report["results"]["aoti"]
+        self.figures["slice"][key] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
+                                      "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
+                                      "weights": how["weights"], "attention": how["attention"], "moe": how["moe"],
+                                      "prompt_len": self.plan.slice_prompt_len, **pick(r)}
+        return (f"{key}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
+                f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
+                f"prefill {r['prefill_tokens_per_s']:.0f} tok/s")
 
     # -- the whole run -------------------------------------------------------------------------
 
@@ -667,22 +726,29 @@ class Check:
         self.slice_slots = threading.BoundedSemaphore(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
+        measuring = self.measure_lock.open("a")
+        fcntl.flock(measuring, fcntl.LOCK_EX)  # until this script's own measurements are done
         with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
             self.jobs = jobs
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
-            probe = (pool.submit(self.load_probe, futures["bench artifact"]) if "probe" in self.stages_chosen
+            probe = (pool.submit(self.probe_then_decide, futures["bench artifact"]) if "probe" in self.stages_chosen
                      else None)
+            if probe is None:
+                self.loading_decided.set()
             if "tests" in self.stages_chosen:
                 self.stage("tests", self.tests_stage)
             if probe is not None:
                 self.stage("load probe", self.load_probe_stage, probe)
             if jobs:
                 self.stage("exports", self.exports_stage, futures)
-        for name, fn in (("bench", self.bench_stage), ("slice", self.slice_stage)):
-            if name in self.stages_chosen:
-                self.stage(name, fn)
+        if "bench" in self.stages_chosen:
+            self.stage("bench", self.bench_stage)
+        measuring.close()  # the slices compiled here measure now, one at a time
+        if "slice" in self.stages_chosen:
+            self.stage("slice", self.slice_stage)
+        self.background.shutdown(wait=False)
         if "tests" in self.stages_chosen:
             self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")
         if self.debugged_loads:
@@ -773,7 +839,8 @@ def debugged_stops(out: str, frames: int = 10) -> list[str]:
 def probe_outcome(out: str, rc: int, seconds: float) -> str:
     """One load probe's line: ``ok`` and the times of its steps after the warm-up, or how it ended
     and its last step (the probe prints ``probe <t> s: <step>`` as it goes)."""
-    steps = re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
+    steps = [(t, step) for t, step in re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
+             if not step.startswith("libstdc++: ")]  # the report's lines: libstdcxx_report
     done = "; ".join(f"{step} at {t} s" for t, step in steps
                      if not step.startswith(("torch ", "warm-up", "the loader's")))
 
@@ -788,6 +855,11 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
            else f"exit {rc}: {last_line(out)}")
     last = f"{steps[-1][1]} at {steps[-1][0]} s" if steps else "before its first step"
     return f"{end} {seconds:.0f} s into the command (last step: {last})"
+
+
+def libstdcxx_report(out: str) -> list[str]:
+    """The load probe's libstdc++ report (``load --libraries``): its lines, in order."""
+    return re.findall(r"^probe +[\d.]+ s: libstdc\+\+: (.*)$", out, re.M)
 
 
 def debugged_probe(out: str, rc: int) -> str:
@@ -839,7 +911,9 @@ def read_junit(path: Path) -> list[dict]:
 
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_per_layer",
            "decode_bytes_per_step", "decode_bandwidth_gb_s", "fraction_of_bandwidth_limit", "fraction_of_read_limit", "decode_moe",
-           "cuda_graphs", "load_s", "cuda_max_allocated_gb")
+           "cuda_graphs", "load_s", "cuda_max_allocated_gb", "decode_profile")
+# Decode steps each slice bench profiles after its timed ones (bench --profile): the kernels a step spends its time in.
+PROFILE_STEPS = 8
 
 
 def pick(result: dict) -> dict:
@@ -893,10 +967,23 @@ def format_summary(s: dict) -> str:
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "
                          f"{number(r.get('read_bandwidth_gb_s'), '.0f')} | {number(r.get('fraction_of_read_limit'), '.1%')} | "
                          f"{r['prefill_tokens_per_s']:.0f} ({r['prompt_len']}) |")
+    profiled = {name: r for name, r in runs.items() if r.get("decode_profile")}
+    if profiled:
+        lines += ["", f"## A slice decode step's kernels ({PROFILE_STEPS} steps profiled after the timed ones; "
+                      "on CPU, operators, without AOTInductor's own C++ kernels)"]
+        for name, r in profiled.items():
+            prof = r["decode_profile"]
+            lines += ["", f"{name}: {prof['ms_per_step']:.3f} ms a step in all (the step's p50: {r['decode_ms_p50']:.3f} ms)",
+                      "", "| ms a step | calls a step | share | kernel |", "| --- | --- | --- | --- |"]
+            lines += [f"| {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | {row['share']:.1%} | "
+                      f"`{row['name'][:100]}` |" for row in prof["rows"]]
     if "load_probe" in fig:
         lines += ["", "## Load probe: an AOTInductor package loaded by a process that did not compile it", "",
                   "| package, how | outcome |", "| --- | --- |"]
         lines += [f"| {name} | {line} |" for name, line in fig["load_probe"].items()]
+    if fig.get("libstdcxx"):
+        lines += ["", "libstdc++ in the process that loads decode.pt2, before the load (symbol: the library it "
+                      "resolves to):", ""] + [f"- {line}" for line in fig["libstdcxx"]]
     if "in_process" in fig:
         lines += ["", f"Note: {fig['in_process']}."]
     if "workaround" in fig:

@@ -110,20 +110,24 @@ def test_weights_are_shared_not_copied(artifacts):
 def test_packages_opened_without_torchs_package_loader_give_the_same_logits(artifacts, monkeypatch):
     """DBRX_AOT_AOTI_LOADER=container: each .pt2's .so extracted and opened by AOTInductor's
     container runner alone (the way round an image whose package loader crashes, as the H200's did
-    in every process that had not compiled its package): bit-identical logits over a ragged prefill
-    and decode steps, weights bound as user-managed constants all the same."""
+    in every process that had not compiled its package), and =deepbind: the same, the .so opened
+    with RTLD_DEEPBIND first: bit-identical logits over a ragged prefill and decode steps, weights
+    bound as user-managed constants all the same."""
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(3))
     lengths, steps = [11, 4], 3
     out = {}
-    for loader in ("package", "container"):
+    for loader in ("package", "container", "deepbind"):
         monkeypatch.setenv("DBRX_AOT_AOTI_LOADER", loader)
         rt = dbrx_aot.load_runtime(artifacts["auto"], "aoti", progress=False)
         out[loader] = (rt.logits(ids), dbrx_aot.generate(rt, [ids[0, :n].tolist() for n in lengths],
                                                           max_new_tokens=steps, temperature=0, stop_ids=[]))
-    assert type(rt._decode).__name__ == "ContainerPackage"
-    assert torch.equal(out["package"][0], out["container"][0]) and out["package"][1] == out["container"][1]
+        if loader != "package":
+            assert type(rt._decode).__name__ == "ContainerPackage"
+            assert (rt._decode._deepbound is not None) == (loader == "deepbind")
+    for loader in ("container", "deepbind"):
+        assert torch.equal(out["package"][0], out[loader][0]) and out["package"][1] == out[loader][1]
     monkeypatch.setenv("DBRX_AOT_AOTI_LOADER", "zip")
-    assert "DBRX_AOT_AOTI_LOADER='zip': expected one of package, container" in error_of(artifacts["auto"])
+    assert "DBRX_AOT_AOTI_LOADER='zip': expected one of package, container, deepbind" in error_of(artifacts["auto"])
 
 
 def error_of(path, **kw):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import load_script
 from dbrx_aot.config import PRESETS
 
 gpu_check = load_script("gpu_check")
+load_probe = load_script("aoti_load_probe")
 
 
 def failed_commands(log: str) -> list[str]:
@@ -44,16 +47,16 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     names = {t["name"] for t in summary["tests"]}
     assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16]" in names and len(names) >= 8
     assert all(t["outcome"] == "skipped" and "no CUDA device" in t["message"] for t in summary["tests"])
-    # The load probe: each package loaded by a fresh process, the MLP's run against eager.
+    # The load probe: decode.pt2 loaded by a fresh process, plainly (after the libstdc++ report) and each way round.
     probe = summary["figures"]["load_probe"]
-    assert {"mlp, weights in the .so", "mlp, weights bound at load, as dbrx-aot's", "decode.pt2",
-            "decode.pt2 after torch.compile ran a kernel", "decode.pt2 after an AOTInductor compile",
-            "decode.pt2's .so without the package loader"} <= set(probe)
+    assert {"decode.pt2", *(name for name, _, _ in gpu_check.LOAD_WORKAROUNDS)} <= set(probe)
     assert all(re.fullmatch(r"ok: loaded: \d+ constants at .*\(the loader's device check took [\d.]+ s\)", line)
                for name, line in probe.items() if " under " not in name), probe
-    assert all("ran: matches eager" in line for name, line in probe.items() if name.startswith("mlp")), probe
     if summary["environment"]["debugger"]:
         assert probe[f"decode.pt2 under {Path(summary['environment']['debugger']).name}"].startswith("passed")
+    libraries = summary["figures"]["libstdcxx"]
+    assert len(libraries) == len(load_probe.STD_SYMBOLS) + 2 and "the package's .so: " in libraries[-1], libraries
+    assert "libstdc++ in the process that loads decode.pt2" in (out / "summary.md").read_text()
     assert "## Load probe" in (out / "summary.md").read_text()
     bench = summary["figures"]["bench"]
     assert set(bench["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
@@ -61,6 +64,7 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     one = summary["figures"]["slice"]["batch1"]
     assert one["decode_moe"] == "gather" and 0 < one["fraction_of_bandwidth_limit"] and one["prefill_tokens_per_s"] > 0
     assert one["decode_ms_per_layer"] == one["decode_ms_p50"]  # the CPU slice has 1 layer
+    assert one["decode_profile"]["rows"] and "## A slice decode step's kernels" in (out / "summary.md").read_text()
     assert [t["met"] for t in summary["targets"]] == [None, None, None]  # GPU targets are not judged on CPU
     md = (out / "summary.md").read_text()
     assert "CPU dry run" in md and "## Real-width slice: small, 1 layers" in md and "| slice | ok |" in md
@@ -372,18 +376,17 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
 
 
 def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_way_that_let_one(tmp_path):
-    """The second H200 run: every fresh load of a CUDA package died in AOTInductor's loader. Where the
-    load probe finds a way that loads (a warm-up, an environment), the benches and the diagnosis go
+    """The H200 runs: every fresh load of a CUDA package died in AOTInductor's loader. Where the load
+    probe finds a way that loads (a warm-up, an environment), the benches and the diagnosis go
     through it, in the CLI's own process; where none does, each aoti bench compiles its artifact
-    again in its own process and measures there."""
+    again in its own process and measures there, the slices side by side, measured one at a time."""
     died = "died of SIGSEGV 47 s into the command (last step: the loader's device check done at 41.9 s)"
-    outcomes = {"mlp, weights in the .so": "ok: loaded: 4 constants at 40.0 s", "decode.pt2": died,
-                "decode.pt2 without Inductor's CPU ISA build check": died,
-                "decode.pt2 after torch.compile ran a kernel": died,
-                "decode.pt2 after an AOTInductor compile": "ok: loaded: 19 constants at 60.0 s"}
+    deepbind, preload, c_locale, own = (name for name, _, _ in gpu_check.LOAD_WORKAROUNDS)
+    outcomes = {"decode.pt2": died, deepbind: died, preload: died, c_locale: died,
+                own: "ok: loaded: 19 constants at 60.0 s"}
     run = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 80.0, "decode_ms_p50": 12.5, "decode_ms_p90": 13.0,
            "fraction_of_bandwidth_limit": 0.05, "cuda_graphs": True, "decode_ms_per_layer": 1.0,
-           "decode_bytes_per_step": 2e9}
+           "decode_bytes_per_step": 2e9, "decode_moe": "gather", "decode_bandwidth_gb_s": 160.0}
 
     def checked(outcomes: dict) -> tuple:
         check, commands = make_check(tmp_path, "cuda"), []
@@ -395,45 +398,60 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
             return 0, "".join("warm-up chatter\n" + json.dumps(r, indent=2) + "\n" for r in reports)
 
         check.run = fake_run
+        check.jobs = check.export_jobs()
         probe = concurrent.futures.Future()
         probe.set_result(outcomes)
+        check.decide_loading(outcomes)  # load_probe's last step
         check.stage("load probe", check.load_probe_stage, probe)
-        assert not check.stages[0]["ok"] and check.fresh_load_fails == died
+        assert not check.stages[0]["ok"] and check.fresh_load_fails == died and check.loading_decided.is_set()
         return check, commands
 
     check, commands = checked(outcomes)
-    assert check.workaround[:2] == ("decode.pt2 after an AOTInductor compile", "aoti-compile")
+    assert check.workaround[:2] == (own, "aoti-compile-load")
+    # The exports a fresh process would load still run (the slices', the diagnosis's graphs).
+    assert check.run_job("slice batch1", check.work / "slice-batch1", [["true"]]) == (True, pytest.approx(0, abs=1),
+                                                                                        "ok")
     check.stage("bench", check.bench_stage)
     assert check.stages[-1]["ok"], check.stages[-1]
-    through = [str(gpu_check.PROBE), "run", "--device", "cuda", "--warm", "aoti-compile", "--", "--quiet", "bench"]
+    through = [str(gpu_check.PROBE), "run", "--device", "cuda", "--warm", "aoti-compile-load", "--", "--quiet", "bench"]
     aoti = [cmd for cmd, _ in commands if "aoti" in cmd]
     assert len(aoti) == 2 and all(c[1:10] == through and c[-1] == "--in-process" for c in aoti)
     assert [cmd[1:3] for cmd, _ in commands if "eager" in cmd] == [["-m", "dbrx_aot.cli"]]
-    assert ("the aoti commands ran in the CLI's own process the way that let one: decode.pt2 after an AOTInductor "
-            "compile") in gpu_check.format_summary(check.summary())
-    # The ISA check's environment travels with its way, to the diagnosis too.
+    assert (f"the aoti commands ran in the CLI's own process the way that let one: {own}"
+            in gpu_check.format_summary(check.summary()))
+    # The deepbind way's environment travels with it, to the diagnosis too.
     check.workaround = gpu_check.LOAD_WORKAROUNDS[0]
     check.environment["debugger"] = None
     commands.clear()
     check.diagnose("verify aoti", check.cli("verify", "ART", "--runtime", "aoti"))
     (cmd, env), = commands
     assert cmd[cmd.index("--warm"):] == ["--warm", "none", "--", "--quiet", "verify", "ART", "--runtime", "aoti"]
-    assert env["TORCHINDUCTOR_VEC_ISA_OK"] == "1" and env["AOTI_RUNTIME_CHECK_INPUTS"] == "1"
+    assert env["DBRX_AOT_AOTI_LOADER"] == "deepbind" and env["AOTI_RUNTIME_CHECK_INPUTS"] == "1"
 
     # No way let one: each aoti bench compiles its artifact again in its own process and measures
-    # there; both of the small preset's aoti benches after one compile, a slice after its own; no
-    # diagnosis (a fresh process would die alike).
-    check, commands = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died})
-    assert check.workaround is None and check.compile_here
-    check.jobs = check.export_jobs()
+    # there; both of the small preset's aoti benches after one compile; every slice in a process of
+    # its own, started as soon as that was decided, compiled beside the others and measured (CUDA
+    # graphs on, then off) holding the measuring lock; no diagnosis (a fresh process would die alike);
+    # the exports for fresh processes are not made.
+    check, commands = checked({**outcomes, own: died})
+    assert check.workaround is None and check.compile_here and len(check.slices_here) == 5
+    assert check.run_job("slice batch1", check.work / "slice-batch1", [["false"]])[2].startswith("not needed")
     check.stage("bench", check.bench_stage)
     check.stage("slice", check.slice_stage)
     assert all(s["ok"] for s in check.stages[1:]), check.stages
     assert set(check.figures["bench"]["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
     here = [cmd for cmd, _ in commands if "aoti" in cmd]
     assert len(here) == 1 + len(gpu_check.slice_runs(check.plan))
+    slices = [cmd for cmd in here if "--lock" in cmd]
+    assert len(slices) == 5 and all(cmd[cmd.index("--lock") + 1] == str(check.measure_lock) for cmd in slices)
+    assert all(" ".join(cmd).count(" bench ") == 2 and cmd[-2:] == ["--no-cuda-graphs", "--in-process"]
+               for cmd in slices)
+    figures = check.figures["slice"]
+    assert {"batch1", "batch1 without CUDA graphs", "batch8", "batch1-grouped without CUDA graphs"} <= set(figures)
+    assert figures["batch8"]["weights"] == "same" and figures["batch1-int8 without CUDA graphs"]["weights"] == "int8"
+    assert "| 8 | same | auto |" in gpu_check.format_summary(check.summary())
     art = str(check.work / "bench-art")
-    first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd)
+    first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd and "--lock" not in cmd)
     assert first[1:6] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--"]
     steps = " ".join(first[6:]).split(" -- ")
     assert steps[0].startswith(f"--quiet export {check.work / 'bench-ckpt'} -o {art}-here ")
@@ -442,16 +460,14 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(check.work / "inductor-bench-art-here")
     assert not any("verify" in cmd for cmd, _ in commands)
     assert "the aoti benches and slices measured the artifact compiled again" in check.figures["workaround"]
-    # Only the .so opened without the package loader loaded: every aoti command opens its packages
-    # that way (the runtime's DBRX_AOT_AOTI_LOADER=container), in a fresh process with no warm-up.
-    container = "decode.pt2's .so without the package loader"
-    check, commands = checked({**outcomes, "decode.pt2 after an AOTInductor compile": died,
-                               container: "ok: loaded: 19 constants at 9.0 s"})
-    assert check.workaround[0] == container and not check.compile_here
+    # Only the .so opened with RTLD_DEEPBIND loaded: every aoti command opens its packages that way
+    # (the runtime's DBRX_AOT_AOTI_LOADER=deepbind), in a fresh process with no warm-up.
+    check, commands = checked({**outcomes, own: died, deepbind: "ok: loaded: 19 constants at 9.0 s"})
+    assert check.workaround[0] == deepbind and not check.compile_here and not check.slices_here
     check.stage("bench", check.bench_stage)
     aoti = [(cmd, env) for cmd, env in commands if "aoti" in cmd]
     assert len(aoti) == 2 and all(cmd[cmd.index("--warm") + 1] == "none" for cmd, _ in aoti)
-    assert all(env["DBRX_AOT_AOTI_LOADER"] == "container" for _, env in aoti)
+    assert all(env["DBRX_AOT_AOTI_LOADER"] == "deepbind" for _, env in aoti)
 
 
 def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_first_that_fails(tmp_path):
@@ -471,6 +487,19 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
     failed = subprocess.run([*probe, "--quiet", "inspect", str(tmp_path / "missing"), "--", *tiny("c")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "missing: no manifest.json" in failed.stderr and not (tmp_path / "c").exists()
+    # --lock: what comes before the first bench runs at once; the bench waits for the lock's holder.
+    lock = tmp_path / "measure.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([*probe[:-1], "--lock", str(lock), "--", *tiny("d"), "--", "--quiet", "bench",
+                                    str(tmp_path / "missing")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "d" / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        assert (tmp_path / "d" / "config.json").is_file() and waiting.poll() is None
+    _, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 2 and "missing" in err
 
 
 def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_dry_run, tmp_path):
