@@ -504,9 +504,10 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
 
 def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_dry_run, tmp_path):
     """COMPILE_HERE on CPU, with real commands: the dry run's small-preset export once more, into a
-    new directory, then both aoti benches on it, in one process; their reports are the figures."""
+    new directory, then both aoti benches on it, in one process; their reports are the figures; then
+    a slice compiled and measured (holding the measuring lock) in a process of its own."""
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
-                              deadline=600, skip_install=True, stages="bench", reuse_exports=True)
+                              deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True)
     check = gpu_check.Check(args)
     check.python = sys.executable
     check.jobs, check.fresh_load_fails = check.export_jobs(), "died of SIGSEGV (as on the H200)"
@@ -519,3 +520,9 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     assert (gpu_check_dry_run.work / "bench-art-here" / "manifest.json").is_file()
     log = (tmp_path / "out" / "log.txt").read_text()
     assert log.count(f"===== bench aoti ({gpu_check.COMPILE_HERE})") == 1 and "bench-art-here --device cpu" in log
+    # A slice the same way (its measurement under the lock this script would hold while it measures),
+    # profiled: what the GPU check starts for every slice once the load probe has decided.
+    reports, failed = check.slice_compiled_here(gpu_check.slice_runs(check.plan)[0])
+    assert not failed and set(reports) == {"aoti"}, failed
+    assert reports["aoti"]["results"]["aoti"]["decode_profile"]["rows"]
+    assert (gpu_check_dry_run.work / "slice-batch1-here" / "manifest.json").is_file()
