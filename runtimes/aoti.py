@@ -59,8 +59,8 @@ class ContainerPackage:
             archive.extractall(root)
         so = next(root.rglob("*.wrapper.so"), None) or next(root.rglob("*.so"), None)  # the model's, not a kernel's
         if so is None:
-            raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER={os.environ.get('DBRX_AOT_AOTI_LOADER')} "
-                               "opens only that)")
+            loader = os.environ.get("DBRX_AOT_AOTI_LOADER")
+            raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER={loader} opens only that)")
         # Opened here first, the runner's own dlopen of the same path gets this handle, bound as asked.
         self._deepbound = ctypes.CDLL(str(so), os.RTLD_NOW | os.RTLD_DEEPBIND) if deepbind else None
         aoti = torch._C._aoti

@@ -973,7 +973,8 @@ def format_summary(s: dict) -> str:
                       "on CPU, operators, without AOTInductor's own C++ kernels)"]
         for name, r in profiled.items():
             prof = r["decode_profile"]
-            lines += ["", f"{name}: {prof['ms_per_step']:.3f} ms a step in all (the step's p50: {r['decode_ms_p50']:.3f} ms)",
+            lines += ["", f"{name}: {prof['ms_per_step']:.3f} ms a step in all "
+                          f"(the step's p50: {r['decode_ms_p50']:.3f} ms)",
                       "", "| ms a step | calls a step | share | kernel |", "| --- | --- | --- | --- |"]
             lines += [f"| {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | {row['share']:.1%} | "
                       f"`{row['name'][:100]}` |" for row in prof["rows"]]

@@ -492,7 +492,8 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
     with lock.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         waiting = subprocess.Popen([*probe[:-1], "--lock", str(lock), "--", *tiny("d"), "--", "--quiet", "bench",
-                                    str(tmp_path / "missing")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    str(tmp_path / "missing")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while not (tmp_path / "d" / "config.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)
