@@ -593,6 +593,7 @@ class Check:
     def bench_stage(self) -> str:
         p = self.plan
         path = self.work / "bench-art"
+        beside = sum(not f.done() for f in self.slices_here.values())  # COMPILE_HERE slices still running
         lengths = ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens))
         # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
         reports, failed = {}, []
@@ -619,7 +620,7 @@ class Check:
                 "verify", str(path), "--runtime", "aoti", "--device", self.device, "--steps", "8")))
         runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
         fig = {"preset": p.bench_preset, "dtype": p.dtype, "batch_size": 1, "prompt_len": p.bench_prompt_len,
-               "new_tokens": p.bench_new_tokens,
+               "new_tokens": p.bench_new_tokens, "beside_slices": beside,
                "copy_bandwidth_gb_s": max((r["copy_bandwidth_gb_s"] for r in reports.values()), default=None),
                "runs": {name: pick(r) for name, r in runs.items()}}
         self.figures["bench"] = fig
@@ -948,6 +949,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"| {name} | {'on' if r['cuda_graphs'] else 'off'} | {r['prefill_tokens_per_s']:.0f} | "
                          f"{r['decode_tokens_per_s']:.1f} | {r['decode_ms_p50']:.3f} | {r['decode_ms_p90']:.3f} | "
                          f"{r['fraction_of_bandwidth_limit']:.1%} |")
+        if b.get("beside_slices"):
+            lines += ["", f"Measured while {b['beside_slices']} slice processes compiled (or waited to measure) beside "
+                          "them: eager decode, bound by its kernel launches from the CPU, may read low."]
         lines += ["", f"aoti vs eager decode: {number(b.get('aoti_vs_eager'), '.2f')}x; CUDA graphs on vs off: "
                       f"{number(b.get('cuda_graphs_speedup'), '.2f')}x"]
     runs = {k: v for k, v in fig.get("slice", {}).items() if k.startswith("batch")}

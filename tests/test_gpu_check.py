@@ -435,6 +435,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     # the exports for fresh processes are not made.
     check, commands = checked({**outcomes, own: died})
     assert check.workaround is None and check.compile_here and len(check.slices_here) == 5
+    concurrent.futures.wait(check.slices_here.values())
     assert check.run_job("slice batch1", check.work / "slice-batch1", [["false"]])[2].startswith("not needed")
     check.stage("bench", check.bench_stage)
     check.stage("slice", check.slice_stage)
@@ -450,6 +451,9 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert {"batch1", "batch1 without CUDA graphs", "batch8", "batch1-grouped without CUDA graphs"} <= set(figures)
     assert figures["batch8"]["weights"] == "same" and figures["batch1-int8 without CUDA graphs"]["weights"] == "int8"
     assert "| 8 | same | auto |" in gpu_check.format_summary(check.summary())
+    assert check.figures["bench"]["beside_slices"] == 0  # all five had ended (a real run says how many had not)
+    check.figures["bench"]["beside_slices"] = 3
+    assert "Measured while 3 slice processes compiled" in gpu_check.format_summary(check.summary())
     art = str(check.work / "bench-art")
     first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd and "--lock" not in cmd)
     assert first[1:6] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--"]
