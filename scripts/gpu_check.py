@@ -827,12 +827,15 @@ def debugged_outcome(out: str, rc: int) -> str:
     return f"the debugger ended it (exit {rc}): {last_line(out)}"
 
 
-def debugged_stops(out: str, frames: int = 10) -> list[str]:
+def debugged_stops(out: str, frames: int = 14) -> list[str]:
     """Each stop of a command under the debugger: its signal and its innermost native frames."""
     parts = re.split(r"received signal (SIG\w+)", out)
     stops = []
     for sig, after in zip(parts[1::2], parts[2::2]):
         names = [native_frame(line.strip()) for line in after.splitlines() if re.match(r"#\d+ ", line.strip())]
+        # A frame seen again deeper in the same stack (recursion: std::regex's compiler) counted, not repeated.
+        counts = {name: names.count(name) for name in names}
+        names = [name + (f" x{counts[name]}" if counts[name] > 1 else "") for name in counts]
         stops.append(sig + (" in " + " < ".join(names[:frames]) if names else ""))
     return stops
 
@@ -876,10 +879,23 @@ def debugged_probe(out: str, rc: int) -> str:
 
 
 def native_frame(line: str) -> str:
-    """gdb's "#3  0x7f.. in aoti_torch_foo (a=1, b=2) from /x/libtorch.so" as "aoti_torch_foo (libtorch.so)"."""
+    """gdb's "#3  0x7f.. in aoti_torch_foo (a=1, b=2) from /x/libtorch.so" as "aoti_torch_foo (libtorch.so)";
+    a C++ frame's template arguments, parameters and return type left out
+    ("std::string std::regex_traits<char>::transform_primary<char const*>(char const*) const () from x.so"
+    as "std::regex_traits<>::transform_primary<> (x.so)")."""
     line = re.sub(r"^#\d+\s+(0x[0-9a-f]+ in )?", "", line)
+    if line.startswith("<"):  # <signal handler called>
+        return line
     where = re.search(r" (?:at|from) (\S+)$", line)
-    return line.split(" ")[0] + (f" ({Path(where[1]).name})" if where else "")
+    name, depth = "", 0
+    for ch in line[:where.start()] if where else line:
+        if ch == "(" and depth == 0:
+            break
+        if depth == 0:
+            name += "<>" if ch == "<" else ch
+        depth += (ch == "<") - (ch == ">")
+    # AOTInductor's .so is named by a hash of its code: "<hash>.wrapper.so" as "wrapper.so".
+    return name.split()[-1] + (f" ({re.sub(r'^[a-z0-9]{32,}[.]', '', Path(where[1]).name)})" if where else "")
 
 
 def last_line(text: str) -> str:

@@ -370,6 +370,23 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
         "stopped by the probe's SIGTRAP in __GI___poll (poll.c:29) < "
         "torch::inductor::AOTIModelPackageLoader::AOTIModelPackageLoader (libtorch_cpu.so); "
         "then died of SIGSEGV in AOTInductorModelContainerCreateWithDevice (model.wrapper.so)")
+    # The third H200 run's crash (abridged): C++ names without their template arguments, parameters
+    # and return types; a recursion's frames counted; AOTInductor's hash-named .so as wrapper.so.
+    so = "from /tmp/m8/decode/data/aotinductor/model/ciexgb53tpzasbjwwt7qfxq2mjmra7abbwztydt4rfwvs5e2isyb.wrapper.so"
+    frames = ["std::codecvt<char16_t, char, __mbstate_t>::do_unshift(__mbstate_t&, char*, char*, char*&) const ()",
+              "std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> > "
+              "std::__cxx11::regex_traits<char>::transform_primary<char const*>(char const*, char const*) const ()",
+              *["std::__detail::_Compiler<std::__cxx11::regex_traits<char> >::_M_atom() ()",
+                "std::__detail::_Compiler<std::__cxx11::regex_traits<char> >::_M_disjunction() ()"] * 2,
+              "torch::aot_inductor::parse_device_str(std::__cxx11::basic_string<char, std::char_traits<char>, "
+              "std::allocator<char> > const&, int&, int&) ()"]
+    crash = ('Thread 1 "python3" received signal SIGSEGV, Segmentation fault.\n'
+             + "".join(f"#{i}  0x00007fff172ca2e4 in {frame} {so}\n" for i, frame in enumerate(frames))
+             + "#6  <signal handler called>\n")
+    assert gpu_check.debugged_stops(crash) == [
+        "SIGSEGV in std::codecvt<>::do_unshift (wrapper.so) < std::__cxx11::regex_traits<>::transform_primary<> "
+        "(wrapper.so) < std::__detail::_Compiler<>::_M_atom (wrapper.so) x2 < std::__detail::_Compiler<>::_M_disjunction "
+        "(wrapper.so) x2 < torch::aot_inductor::parse_device_str (wrapper.so) < <signal handler called>"]
     exited = steps + "[Inferior 1 (process 7) exited normally]\n"
     assert gpu_check.debugged_probe(exited, 0) == "passed: exited normally"
     assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]
