@@ -385,8 +385,9 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
              + "#6  <signal handler called>\n")
     assert gpu_check.debugged_stops(crash) == [
         "SIGSEGV in std::codecvt<>::do_unshift (wrapper.so) < std::__cxx11::regex_traits<>::transform_primary<> "
-        "(wrapper.so) < std::__detail::_Compiler<>::_M_atom (wrapper.so) x2 < std::__detail::_Compiler<>::_M_disjunction "
-        "(wrapper.so) x2 < torch::aot_inductor::parse_device_str (wrapper.so) < <signal handler called>"]
+        "(wrapper.so) < std::__detail::_Compiler<>::_M_atom (wrapper.so) x2 < "
+        "std::__detail::_Compiler<>::_M_disjunction (wrapper.so) x2 < torch::aot_inductor::parse_device_str "
+        "(wrapper.so) < <signal handler called>"]
     exited = steps + "[Inferior 1 (process 7) exited normally]\n"
     assert gpu_check.debugged_probe(exited, 0) == "passed: exited normally"
     assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]
