@@ -203,9 +203,12 @@ class Check:
         # COMPILE_HERE slices, started as soon as that is decided: name -> (reports by run, failures).
         self.slices_here: dict[str, concurrent.futures.Future] = {}
         self.background = concurrent.futures.ThreadPoolExecutor(len(slice_runs(self.plan)))  # runs them
-        # Held by this script while it measures (or runs the tests); a COMPILE_HERE process measures
-        # holding it, so that no two measurements overlap (aoti_load_probe.py run --lock).
-        self.measure_lock = self.work / "measure.lock"
+        # A COMPILE_HERE slice measures holding its turn's lock file (aoti_load_probe.py run --lock). This
+        # script holds every turn from the start (main()) and hands them out one by one once its own
+        # benches are done, in slice_runs' order (slice_stage): no two measurements overlap, and a
+        # deadline cuts the last slices, not the first.
+        self.turns = {slice_name(*run): self.work / f"turn-{slice_name(*run)}.lock" for run in slice_runs(self.plan)}
+        self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
@@ -543,22 +546,23 @@ class Check:
         return json_reports(out)[0]
 
     def benches_compiled_here(self, label: str, path: Path, runs: list[tuple[str, tuple[str, ...]]],
-                              measure_apart: bool = False) -> tuple[dict[str, dict], list[str]]:
+                              turn: Path | None = None) -> tuple[dict[str, dict], list[str]]:
         """COMPILE_HERE: ``path``'s export again, into a new directory and Inductor cache, then
         ``bench --json`` with each run's options on it, all in one process (the load probe's ``run``):
         the reports by run name, and what failed (the runs after a failed one have no report).
-        ``measure_apart``: the benches wait for ``measure_lock`` (compiles side by side, measurements
-        one at a time)."""
+        ``turn``: the benches wait for that lock file (compiles side by side, measurements one at a
+        time: ``turns``)."""
         export = next(cmd for artifact, cmds in self.jobs.values() if artifact == path
                       for cmd in cmds if "export" in cmd)
         export = export[export.index("export"):]
         here = path.with_name(path.name + "-here")
         export[export.index("-o") + 1] = str(here)
-        lock = ["--lock", str(self.measure_lock)] if measure_apart else []
+        lock = ["--lock", str(turn)] if turn is not None else []
         cmd = [self.python, str(PROBE), "run", "--device", self.device, *lock, "--", "--quiet", *export]
         for _, options in runs:
             cmd += ["--", "--quiet", "bench", str(here), "--device", self.device, "--json", *options, "--in-process"]
-        rc, out = self.run(f"{label} ({COMPILE_HERE})", cmd, 480,
+        # One waiting for its turn may wait until the deadline.
+        rc, out = self.run(f"{label} ({COMPILE_HERE})", cmd, 480 if turn is None else self.left(),
                            {"TORCHINDUCTOR_CACHE_DIR": str(self.work / f"inductor-{here.name}")})
         reports = dict(zip((name for name, _ in runs), json_reports(out)))
         failed = [] if rc == 0 else [f"{label} ({COMPILE_HERE}): exit {rc}: {last_line(out)}"]
@@ -659,7 +663,7 @@ class Check:
                 "--new-tokens", str(p.slice_new_tokens), "--profile", str(PROFILE_STEPS))
         runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
         with self.slice_slots:
-            return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, measure_apart=True)
+            return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, self.turns[name])
 
     def slice_stage(self) -> str:
         p = self.plan
@@ -667,6 +671,9 @@ class Check:
         texts, failed = [], []
         if self.slices_here:
             for name, future in self.slices_here.items():
+                held = self.held_turns.pop(name, None)
+                if held is not None:
+                    held.close()  # its turn to measure
                 reports, why = future.result()
                 failed += why
                 for run, report in reports.items():
@@ -727,8 +734,9 @@ class Check:
         self.slice_slots = threading.BoundedSemaphore(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
-        measuring = self.measure_lock.open("a")
-        fcntl.flock(measuring, fcntl.LOCK_EX)  # until this script's own measurements are done
+        for name, path in self.turns.items():
+            self.held_turns[name] = path.open("a")
+            fcntl.flock(self.held_turns[name], fcntl.LOCK_EX)
         with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
             self.jobs = jobs
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
@@ -746,9 +754,10 @@ class Check:
                 self.stage("exports", self.exports_stage, futures)
         if "bench" in self.stages_chosen:
             self.stage("bench", self.bench_stage)
-        measuring.close()  # the slices compiled here measure now, one at a time
         if "slice" in self.stages_chosen:
             self.stage("slice", self.slice_stage)
+        for held in self.held_turns.values():  # turns no slice took (a stage that broke): nothing waits on them
+            held.close()
         self.background.shutdown(wait=False)
         if "tests" in self.stages_chosen:
             self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")

@@ -449,7 +449,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     # No way let one: each aoti bench compiles its artifact again in its own process and measures
     # there; both of the small preset's aoti benches after one compile; every slice in a process of
     # its own, started as soon as that was decided, compiled beside the others and measured (CUDA
-    # graphs on, then off) holding the measuring lock; no diagnosis (a fresh process would die alike);
+    # graphs on, then off) in its turn (a lock file of its own); no diagnosis (a fresh process would die alike);
     # the exports for fresh processes are not made.
     check, commands = checked({**outcomes, own: died})
     assert check.workaround is None and check.compile_here and len(check.slices_here) == 5
@@ -462,7 +462,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     here = [cmd for cmd, _ in commands if "aoti" in cmd]
     assert len(here) == 1 + len(gpu_check.slice_runs(check.plan))
     slices = [cmd for cmd in here if "--lock" in cmd]
-    assert len(slices) == 5 and all(cmd[cmd.index("--lock") + 1] == str(check.measure_lock) for cmd in slices)
+    assert len(slices) == 5 and {cmd[cmd.index("--lock") + 1] for cmd in slices} == set(map(str, check.turns.values()))
     assert all(" ".join(cmd).count(" bench ") == 2 and cmd[-2:] == ["--no-cuda-graphs", "--in-process"]
                for cmd in slices)
     figures = check.figures["slice"]
@@ -490,6 +490,36 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     aoti = [(cmd, env) for cmd, env in commands if "aoti" in cmd]
     assert len(aoti) == 2 and all(cmd[cmd.index("--warm") + 1] == "none" for cmd, _ in aoti)
     assert all(env["DBRX_AOT_AOTI_LOADER"] == "deepbind" for _, env in aoti)
+
+
+def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path):
+    """COMPILE_HERE slices compile side by side, but each measures only in its turn: this script holds
+    every turn's lock file until its own benches are done, then hands them out in slice_runs' order,
+    one after the slice before has ended (a deadline cuts the last, not the first)."""
+    check = make_check(tmp_path, "cuda")
+    for name, path in check.turns.items():  # as main() does at the start
+        check.held_turns[name] = path.open("a")
+        fcntl.flock(check.held_turns[name], fcntl.LOCK_EX)
+    figures = {"prefill_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0, "decode_ms_p50": 1.0, "decode_ms_p90": 1.0,
+               "decode_ms_per_layer": 0.5, "decode_bytes_per_step": 1e9, "fraction_of_bandwidth_limit": 0.5,
+               "decode_moe": "gather", "cuda_graphs": True}
+    measured = []
+
+    def slice_process(name: str):  # `aoti_load_probe.py run --lock TURN`: compiled, it waits for its turn
+        with check.turns[name].open("a") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            measured.append(name)
+            time.sleep(0.05)
+        return {"aoti": {"copy_bandwidth_gb_s": 2.0, "results": {"aoti": figures}}}, []
+
+    names = list(check.turns)
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        started = {name: pool.submit(slice_process, name) for name in reversed(names)}
+        time.sleep(0.3)
+        assert measured == []  # all compiled, none measures before its turn
+        check.slices_here = {name: started[name] for name in names}
+        check.stage("slice", check.slice_stage)
+    assert measured == names and not check.held_turns and check.stages[-1]["ok"], check.stages[-1]
 
 
 def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_first_that_fails(tmp_path):
@@ -528,7 +558,7 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
 def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_dry_run, tmp_path):
     """COMPILE_HERE on CPU, with real commands: the dry run's small-preset export once more, into a
     new directory, then both aoti benches on it, in one process; their reports are the figures; then
-    a slice compiled and measured (holding the measuring lock) in a process of its own."""
+    a slice compiled and measured (in its turn) in a process of its own."""
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
                               deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True)
     check = gpu_check.Check(args)
@@ -543,7 +573,7 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     assert (gpu_check_dry_run.work / "bench-art-here" / "manifest.json").is_file()
     log = (tmp_path / "out" / "log.txt").read_text()
     assert log.count(f"===== bench aoti ({gpu_check.COMPILE_HERE})") == 1 and "bench-art-here --device cpu" in log
-    # A slice the same way (its measurement under the lock this script would hold while it measures),
+    # A slice the same way (measured in its turn, a lock file this script would hand it),
     # profiled: what the GPU check starts for every slice once the load probe has decided.
     reports, failed = check.slice_compiled_here(gpu_check.slice_runs(check.plan)[0])
     assert not failed and set(reports) == {"aoti"}, failed
