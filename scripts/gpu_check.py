@@ -192,6 +192,7 @@ class Check:
         self.skip_install = args.skip_install
         self.stages_chosen = set(args.stages.split(","))
         self.reuse_exports = args.reuse_exports
+        self.forced_compile_here = args.compile_here  # COMPILE_HERE from the start, whatever the probe finds
         self.site: Path | None = None  # where pip put things when this python's site-packages refused
         self.in_process = False  # a bench's measuring process died: later benches measure in the CLI's process
         # Set by the load probe: why a plain fresh process cannot load a package, and the first of
@@ -478,12 +479,19 @@ class Check:
         finally:  # a probe that broke decides nothing, and keeps nothing waiting
             self.loading_decided.set()
 
-    def decide_loading(self, outcomes: dict[str, str]) -> None:
+    def decide_loading(self, outcomes: dict[str, str] | None) -> None:
         """How the aoti commands load a package, from the load probe's outcomes: plainly; through the
         first of LOAD_WORKAROUNDS that loaded; or, where none did, compiled again where measured
-        (``compile_here``). Then lets the exports that waited for it go on (``run_job``)."""
-        plain = outcomes.get("decode.pt2", "")
-        if plain and not plain.startswith(("ok", "not run")):
+        (``compile_here``); ``None``: --compile-here, decided at the start (the probe's outcomes come
+        later, a diagnosis only). Then lets the exports that waited for it go on (``run_job``)."""
+        if self.loading_decided.is_set():  # by --compile-here
+            return
+        plain = "not tried (--compile-here)" if outcomes is None else outcomes.get("decode.pt2", "")
+        if outcomes is None:
+            self.fresh_load_fails = plain
+            self.figures["workaround"] = (f"--compile-here: the aoti benches and slices measured {COMPILE_HERE} "
+                                          "from the start; the load probe's outcomes are a diagnosis only")
+        elif plain and not plain.startswith(("ok", "not run")):
             self.fresh_load_fails = plain
             self.workaround = next((w for w in LOAD_WORKAROUNDS if outcomes.get(w[0], "").startswith("ok")), None)
             self.figures["workaround"] = (
@@ -739,6 +747,8 @@ class Check:
             fcntl.flock(self.held_turns[name], fcntl.LOCK_EX)
         with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
             self.jobs = jobs
+            if self.forced_compile_here:
+                self.decide_loading(None)  # the slices start compiling now, beside everything else
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
@@ -1039,6 +1049,9 @@ def main() -> int:
                         help="do not pip install this tree (it is importable already, e.g. in a dev venv)")
     parser.add_argument("--stages", default=",".join(OPTIONAL_STAGES),
                         help="which of tests,probe,bench,slice to run (a rerun of a part; the exports they need come along)")
+    parser.add_argument("--compile-here", action="store_true",
+                        help="measure every aoti artifact in the process that compiles it, from the start, whatever "
+                             "the load probe finds (the H200 image, where no other process could load one)")
     parser.add_argument("--reuse-exports", action="store_true",
                         help="keep artifacts already in --work (a rerun on the same machine after a runtime fix)")
     args = parser.parse_args()

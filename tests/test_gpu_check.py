@@ -80,7 +80,7 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
 
 def make_check(tmp_path, device="cpu"):
     args = argparse.Namespace(device=device, out=str(tmp_path / "out"), work=str(tmp_path / "work"), deadline=60,
-                              skip_install=True, stages="tests,bench,slice", reuse_exports=False)
+                              skip_install=True, stages="tests,bench,slice", reuse_exports=False, compile_here=False)
     return gpu_check.Check(args)
 
 
@@ -492,6 +492,20 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert all(env["DBRX_AOT_AOTI_LOADER"] == "deepbind" for _, env in aoti)
 
 
+def test_compile_here_decides_at_the_start_and_leaves_the_load_probe_a_diagnosis(tmp_path):
+    """--compile-here (the H200 image, where no other process could load a package): the slices start
+    compiling where they will be measured at once, the exports for fresh processes are skipped, and
+    what the load probe finds later changes nothing."""
+    check = make_check(tmp_path, "cuda")
+    check.forced_compile_here, check.jobs = True, check.export_jobs()
+    check.run = lambda label, cmd, timeout, env=None: (0, "")
+    check.decide_loading(None)
+    assert check.compile_here and check.loading_decided.is_set() and len(check.slices_here) == 5
+    check.decide_loading({"decode.pt2": "ok: loaded: 19 constants at 9.0 s"})
+    assert check.compile_here and check.workaround is None and "--compile-here" in check.figures["workaround"]
+    assert check.run_job("slice batch8", check.work / "slice-batch8", [["false"]])[2].startswith("not needed")
+
+
 def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path):
     """COMPILE_HERE slices compile side by side, but each measures only in its turn: this script holds
     every turn's lock file until its own benches are done, then hands them out in slice_runs' order,
@@ -560,7 +574,7 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     new directory, then both aoti benches on it, in one process; their reports are the figures; then
     a slice compiled and measured (in its turn) in a process of its own."""
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
-                              deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True)
+                              deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True, compile_here=False)
     check = gpu_check.Check(args)
     check.python = sys.executable
     check.jobs, check.fresh_load_fails = check.export_jobs(), "died of SIGSEGV (as on the H200)"
