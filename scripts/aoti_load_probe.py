@@ -223,7 +223,7 @@ def run_cli(argv: list[str], lock: Path | None = None) -> int:
     """The dbrx-aot CLI in this process, once per command (commands separated by ``--``), in order;
     the first that fails ends the run with its exit code. With ``lock``, the first ``bench`` and all
     after it run holding that file's lock (flock), so that processes compiling side by side measure
-    one at a time."""
+    one at a time; a file beside it (``.waiting``) says that the commands before are done."""
     from dbrx_aot.cli import cli
 
     commands: list[list[str]] = [[]]
@@ -238,6 +238,7 @@ def run_cli(argv: list[str], lock: Path | None = None) -> int:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # waiting, it holds none of the GPU memory its export left cached
+            lock.with_suffix(".waiting").touch()  # what came before is done (the GPU check waits for this)
             held = lock.open("a")
             fcntl.flock(held, fcntl.LOCK_EX)  # released when this process ends
             lock = None

@@ -471,7 +471,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert "| 8 | same | auto |" in gpu_check.format_summary(check.summary())
     assert check.figures["bench"]["beside_slices"] == 0  # all five had ended (a real run says how many had not)
     check.figures["bench"]["beside_slices"] = 3
-    assert "Measured while 3 slice processes compiled" in gpu_check.format_summary(check.summary())
+    assert "Measured while 3 slice processes still compiled" in gpu_check.format_summary(check.summary())
     art = str(check.work / "bench-art")
     first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd and "--lock" not in cmd)
     assert first[1:6] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--"]
@@ -520,6 +520,8 @@ def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path)
     measured = []
 
     def slice_process(name: str):  # `aoti_load_probe.py run --lock TURN`: compiled, it waits for its turn
+        time.sleep(0.1)  # compiling
+        check.turns[name].with_suffix(".waiting").touch()
         with check.turns[name].open("a") as turn:
             fcntl.flock(turn, fcntl.LOCK_EX)
             measured.append(name)
@@ -529,9 +531,10 @@ def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path)
     names = list(check.turns)
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         started = {name: pool.submit(slice_process, name) for name in reversed(names)}
-        time.sleep(0.3)
-        assert measured == []  # all compiled, none measures before its turn
         check.slices_here = {name: started[name] for name in names}
+        assert check.slices_compiling() == names  # the small preset's benches wait for these (bench_stage)
+        time.sleep(0.5)
+        assert measured == [] and check.slices_compiling() == []  # all compiled, none measures before its turn
         check.stage("slice", check.slice_stage)
     assert measured == names and not check.held_turns and check.stages[-1]["ok"], check.stages[-1]
 
@@ -565,6 +568,7 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
             time.sleep(0.2)
         time.sleep(2)
         assert (tmp_path / "d" / "config.json").is_file() and waiting.poll() is None
+        assert lock.with_suffix(".waiting").is_file()  # says the commands before the bench are done
     _, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 2 and "missing" in err
 
