@@ -201,14 +201,19 @@ class Check:
         self.fresh_load_fails: str | None = None
         self.workaround: tuple[str, str, dict[str, str]] | None = None
         self.loading_decided = threading.Event()  # set once the above are known (decide_loading)
-        # COMPILE_HERE slices, started as soon as that is decided: name -> (reports by run, failures).
+        # COMPILE_HERE slices, and the small preset's aoti benches (once its checkpoint is made: the
+        # bench artifact's export, ``bench_export``), started as soon as that is decided:
+        # name -> (reports by run, failures).
         self.slices_here: dict[str, concurrent.futures.Future] = {}
-        self.background = concurrent.futures.ThreadPoolExecutor(len(slice_runs(self.plan)))  # runs them
+        self.bench_here: concurrent.futures.Future | None = None
+        self.bench_export: concurrent.futures.Future | None = None
+        self.background = concurrent.futures.ThreadPoolExecutor(len(slice_runs(self.plan)) + 1)  # runs them
         # A COMPILE_HERE slice measures holding its turn's lock file (aoti_load_probe.py run --lock). This
         # script holds every turn from the start (main()) and hands them out one by one once its own
         # benches are done, in slice_runs' order (slice_stage): no two measurements overlap, and a
         # deadline cuts the last slices, not the first.
-        self.turns = {slice_name(*run): self.work / f"turn-{slice_name(*run)}.lock" for run in slice_runs(self.plan)}
+        self.turns = {name: self.work / f"turn-{name}.lock"
+                      for name in ["bench", *(slice_name(*run) for run in slice_runs(self.plan))]}
         self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
@@ -500,6 +505,8 @@ class Check:
                    if self.workaround is not None else
                    f"no way the load probe tried let one; the aoti benches and slices measured {COMPILE_HERE}, "
                    "no verify diagnosis"))
+        if self.compile_here and "bench" in self.stages_chosen:
+            self.bench_here = self.background.submit(self.bench_compiled_here)
         if self.compile_here and "slice" in self.stages_chosen:
             self.slices_here = {slice_name(*run): self.background.submit(self.slice_compiled_here, run)
                                 for run in slice_runs(self.plan)}
@@ -602,31 +609,52 @@ class Check:
         rc, out = self.run(label, cmd, 300, env)
         return ("passed" if rc == 0 else f"exit {rc}: {last_line(out)}") + why
 
-    def slices_compiling(self) -> list[str]:
-        """The COMPILE_HERE slices still compiling (not yet waiting for their turn, nor ended)."""
-        return [name for name, f in self.slices_here.items()
-                if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
+    def compiling(self) -> list[str]:
+        """The COMPILE_HERE processes still compiling (not yet waiting for their turn, nor ended)."""
+        here = {**self.slices_here, **({"bench": self.bench_here} if self.bench_here is not None else {})}
+        return [name for name, f in here.items() if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
+
+    def bench_runs(self) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
+        """The small preset's benches, (name, options) each, and the prompt and decode lengths."""
+        p = self.plan
+        return ((("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
+                 ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs"))),
+                ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens)))
+
+    def bench_compiled_here(self) -> tuple[dict[str, dict], list[str]]:
+        """The small preset's aoti benches, COMPILE_HERE: once its checkpoint is made, compiled beside
+        everything else, then measured (CUDA graphs on, then off) in its turn, the first."""
+        if self.bench_export is not None:
+            ok, _, why = self.bench_export.result()
+            if not ok:
+                return {}, [f"bench aoti ({COMPILE_HERE}): not run (the bench artifact: {why})"]
+        runs, lengths = self.bench_runs()
+        return self.benches_compiled_here("bench aoti", self.work / "bench-art",
+                                          [(n, (*o, *lengths)) for n, o in runs[1:]], self.turns["bench"])
 
     def bench_stage(self) -> str:
         p = self.plan
         path = self.work / "bench-art"
-        # Eager decode is bound by its launches from the CPU: it is measured once no slice compiles
-        # beside it (the slices then wait for their turns), or when the deadline leaves no more time.
-        while self.slices_compiling() and self.left() > 120:
+        # Eager decode is bound by its launches from the CPU: it is measured once nothing compiles
+        # beside it (COMPILE_HERE processes then wait for their turns), or when the deadline leaves no
+        # more time.
+        while self.compiling() and self.left() > 120:
             time.sleep(1)
-        beside = len(self.slices_compiling())
-        lengths = ("--prompt-len", str(p.bench_prompt_len), "--new-tokens", str(p.bench_new_tokens))
+        beside = len(self.compiling())
+        runs, lengths = self.bench_runs()
         # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
         reports, failed = {}, []
-        runs = (("eager", ("--runtime", "eager")), ("aoti", ("--runtime", "aoti")),
-                ("aoti_no_cuda_graphs", ("--runtime", "aoti", "--no-cuda-graphs")))
         for name, options in runs[:1] if self.compile_here else runs:
             try:
                 reports[name] = self.bench(f"bench {name}", path, *options, *lengths)
             except StageFailed as err:
                 failed.append(str(err))
         if self.compile_here:  # both aoti benches after one compile
-            got, why = self.benches_compiled_here("bench aoti", path, [(n, (*o, *lengths)) for n, o in runs[1:]])
+            held = self.held_turns.pop("bench", None)
+            if held is not None:
+                held.close()  # its turn to measure
+            got, why = (self.bench_here.result() if self.bench_here is not None else  # started at the decision
+                        self.benches_compiled_here("bench aoti", path, [(n, (*o, *lengths)) for n, o in runs[1:]]))
             reports.update(got)
             failed += why
         if failed and not default_aoti_ran(reports) and not self.compile_here:
@@ -757,9 +785,10 @@ class Check:
             fcntl.flock(self.held_turns[name], fcntl.LOCK_EX)
         with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
             self.jobs = jobs
+            futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
+            self.bench_export = futures.get("bench artifact")
             if self.forced_compile_here:
                 self.decide_loading(None)  # the slices start compiling now, beside everything else
-            futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
             probe = (pool.submit(self.probe_then_decide, futures["bench artifact"]) if "probe" in self.stages_chosen

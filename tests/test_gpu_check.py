@@ -452,8 +452,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     # graphs on, then off) in its turn (a lock file of its own); no diagnosis (a fresh process would die alike);
     # the exports for fresh processes are not made.
     check, commands = checked({**outcomes, own: died})
-    assert check.workaround is None and check.compile_here and len(check.slices_here) == 5
-    concurrent.futures.wait(check.slices_here.values())
+    assert check.workaround is None and check.compile_here and len(check.slices_here) == 5 and check.bench_here
+    concurrent.futures.wait([*check.slices_here.values(), check.bench_here])
     assert check.run_job("slice batch1", check.work / "slice-batch1", [["false"]])[2].startswith("not needed")
     check.stage("bench", check.bench_stage)
     check.stage("slice", check.slice_stage)
@@ -461,8 +461,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert set(check.figures["bench"]["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
     here = [cmd for cmd, _ in commands if "aoti" in cmd]
     assert len(here) == 1 + len(gpu_check.slice_runs(check.plan))
-    slices = [cmd for cmd in here if "--lock" in cmd]
-    assert len(slices) == 5 and {cmd[cmd.index("--lock") + 1] for cmd in slices} == set(map(str, check.turns.values()))
+    assert {cmd[cmd.index("--lock") + 1] for cmd in here} == set(map(str, check.turns.values()))  # a turn each
+    slices = [cmd for cmd in here if "slice-" in " ".join(cmd)]
     assert all(" ".join(cmd).count(" bench ") == 2 and cmd[-2:] == ["--no-cuda-graphs", "--in-process"]
                for cmd in slices)
     figures = check.figures["slice"]
@@ -473,9 +473,9 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     check.figures["bench"]["beside_slices"] = 3
     assert "Measured while 3 slice processes still compiled" in gpu_check.format_summary(check.summary())
     art = str(check.work / "bench-art")
-    first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd and "--lock" not in cmd)
-    assert first[1:6] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--"]
-    steps = " ".join(first[6:]).split(" -- ")
+    first, env = next((cmd, env) for cmd, env in commands if "aoti" in cmd and f"{art}-here" in cmd)
+    assert first[1:8] == [str(gpu_check.PROBE), "run", "--device", "cuda", "--lock", str(check.turns["bench"]), "--"]
+    steps = " ".join(first[8:]).split(" -- ")
     assert steps[0].startswith(f"--quiet export {check.work / 'bench-ckpt'} -o {art}-here ")
     assert [s.split()[1:3] for s in steps[1:]] == [["bench", f"{art}-here"]] * 2
     assert "--no-cuda-graphs" in steps[2].split() and all(s.endswith(" --in-process") for s in steps[1:])
@@ -528,15 +528,15 @@ def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path)
             time.sleep(0.05)
         return {"aoti": {"copy_bandwidth_gb_s": 2.0, "results": {"aoti": figures}}}, []
 
-    names = list(check.turns)
+    names = [name for name in check.turns if name != "bench"]  # the small preset's turn: bench_stage's
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         started = {name: pool.submit(slice_process, name) for name in reversed(names)}
         check.slices_here = {name: started[name] for name in names}
-        assert check.slices_compiling() == names  # the small preset's benches wait for these (bench_stage)
+        assert check.compiling() == names  # the small preset's benches wait for these (bench_stage)
         time.sleep(0.5)
-        assert measured == [] and check.slices_compiling() == []  # all compiled, none measures before its turn
+        assert measured == [] and check.compiling() == []  # all compiled, none measures before its turn
         check.stage("slice", check.slice_stage)
-    assert measured == names and not check.held_turns and check.stages[-1]["ok"], check.stages[-1]
+    assert measured == names and set(check.held_turns) == {"bench"} and check.stages[-1]["ok"], check.stages[-1]
 
 
 def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_first_that_fails(tmp_path):
