@@ -612,7 +612,8 @@ class Check:
     def compiling(self) -> list[str]:
         """The COMPILE_HERE processes still compiling (not yet waiting for their turn, nor ended)."""
         here = {**self.slices_here, **({"bench": self.bench_here} if self.bench_here is not None else {})}
-        return [name for name, f in here.items() if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
+        return [name for name, f in here.items()
+                if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
 
     def bench_runs(self) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
         """The small preset's benches, (name, options) each, and the prompt and decode lengths."""
