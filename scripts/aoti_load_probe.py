@@ -234,8 +234,11 @@ def run_cli(argv: list[str], lock: Path | None = None) -> int:
             commands[-1].append(arg)
     for command in filter(None, commands):
         if lock is not None and "bench" in command[:2]:
+            import gc
+
             import torch
 
+            gc.collect()  # the export's module and weights, should a reference cycle still hold them
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # waiting, it holds none of the GPU memory its export left cached
             lock.with_suffix(".waiting").touch()  # what came before is done (the GPU check waits for this)

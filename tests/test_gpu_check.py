@@ -578,7 +578,8 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     new directory, then both aoti benches on it, in one process; their reports are the figures; then
     a slice compiled and measured (in its turn) in a process of its own."""
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
-                              deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True, compile_here=False)
+                              deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True,
+                              compile_here=False)
     check = gpu_check.Check(args)
     check.python = sys.executable
     check.jobs, check.fresh_load_fails = check.export_jobs(), "died of SIGSEGV (as on the H200)"
