@@ -193,7 +193,11 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     get_device_information(torch.device(device).type)
     say("the loader's device check done")
     if libraries:
-        for line in std_library_report(package):
+        try:
+            report = std_library_report(package)
+        except Exception as err:  # a tool missing (nm, readelf): the load still runs, as the way it is
+            report = [f"no report ({type(err).__name__}: {err})"]
+        for line in report:
             say(f"libstdc++: {line}")
     timer = None
     if interrupt_after > 0:  # under a debugger: stop the main thread once, so that its native stack is printed
