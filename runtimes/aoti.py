@@ -52,17 +52,16 @@ class ContainerPackage:
     extracted files (the .so, and on CUDA its cubins) live as long as this object."""
 
     def __init__(self, package: Path, device: torch.device, run_single_threaded: bool = False,
-                 deepbind: bool = False):
+                 loader: str = "container"):
         self._files = tempfile.TemporaryDirectory(prefix="dbrx-aot-aoti-")
         root = Path(self._files.name)
         with zipfile.ZipFile(package) as archive:
             archive.extractall(root)
         so = next(root.rglob("*.wrapper.so"), None) or next(root.rglob("*.so"), None)  # the model's, not a kernel's
         if so is None:
-            loader = os.environ.get("DBRX_AOT_AOTI_LOADER")
             raise DbrxAotError(f"{package}: holds no compiled .so (DBRX_AOT_AOTI_LOADER={loader} opens only that)")
         # Opened here first, the runner's own dlopen of the same path gets this handle, bound as asked.
-        self._deepbound = ctypes.CDLL(str(so), os.RTLD_NOW | os.RTLD_DEEPBIND) if deepbind else None
+        self._deepbound = ctypes.CDLL(str(so), os.RTLD_NOW | os.RTLD_DEEPBIND) if loader == "deepbind" else None
         aoti = torch._C._aoti
         if device.type == "cpu":
             self.runner = aoti.AOTIModelContainerRunnerCpu(str(so), 1)
@@ -98,7 +97,7 @@ def open_package(package: Path, device: torch.device, run_single_threaded: bool 
         raise DbrxAotError(f"DBRX_AOT_AOTI_LOADER={loader!r}: expected one of {', '.join(AOTI_LOADERS)}")
     try:
         if loader in ("container", "deepbind"):
-            return ContainerPackage(package, device, run_single_threaded, deepbind=loader == "deepbind")
+            return ContainerPackage(package, device, run_single_threaded, loader)
         return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
                                                  device_index=-1 if device.index is None else device.index)
     except DbrxAotError:

@@ -164,10 +164,6 @@ def json_reports(out: str) -> list[dict]:
     return reports
 
 
-def slice_run_of(name: str, plan) -> tuple[int, str, str, str]:
-    return next(run for run in slice_runs(plan) if slice_name(*run) == name)
-
-
 def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
     return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
             + ("" if attention == "auto" else f"-{attention}") + ("" if moe == "auto" else f"-{moe}"))
@@ -573,7 +569,7 @@ class Check:
         here = path.with_name(path.name + "-here")
         export[export.index("-o") + 1] = str(here)
         lock = ["--lock", str(turn)] if turn is not None else []
-        cmd = [self.python, str(PROBE), "run", "--device", self.device, *lock, "--", "--quiet", *export]
+        cmd = self.probe_run(*lock) + export
         for _, options in runs:
             cmd += ["--", "--quiet", "bench", str(here), "--device", self.device, "--json", *options, "--in-process"]
         # One waiting for its turn may wait until the deadline.
@@ -583,11 +579,15 @@ class Check:
         failed = [] if rc == 0 else [f"{label} ({COMPILE_HERE}): exit {rc}: {last_line(out)}"]
         return reports, failed
 
+    def probe_run(self, *options: str) -> list[str]:
+        """The load probe's ``run`` with ``options``, up to where its CLI commands begin."""
+        return [self.python, str(PROBE), "run", "--device", self.device, *options, "--", "--quiet"]
+
     def aoti_command(self, *args: str) -> tuple[list[str], dict[str, str]]:
         """A CLI command that loads a package, through the load probe's workaround: its warm-up, then
         the CLI in that same process (``--in-process``: bench's own measuring process would be fresh)."""
         _, warm, env = self.workaround
-        cmd = [self.python, str(PROBE), "run", "--device", self.device, "--warm", warm, "--", "--quiet", *args]
+        cmd = self.probe_run("--warm", warm) + list(args)
         return cmd + ["--in-process"] * (args[0] == "bench"), env
 
     def diagnose(self, label: str, cmd: list[str]) -> str:
@@ -651,9 +651,7 @@ class Check:
             except StageFailed as err:
                 failed.append(str(err))
         if self.compile_here:  # both aoti benches after one compile
-            held = self.held_turns.pop("bench", None)
-            if held is not None:
-                held.close()  # its turn to measure
+            self.hand_turn("bench")
             got, why = (self.bench_here.result() if self.bench_here is not None else  # started at the decision
                         self.benches_compiled_here("bench aoti", path, [(n, (*o, *lengths)) for n, o in runs[1:]]))
             reports.update(got)
@@ -701,12 +699,22 @@ class Check:
         tok = report["results"]["aoti"]["decode_tokens_per_s"]
         return f"{what}: ran, decode {tok:.1f} tok/s (the split reductions are the likely cause)"
 
+    def hand_turn(self, name: str) -> None:
+        """Let ``name``'s COMPILE_HERE process measure (it waits for its turn's lock file)."""
+        held = self.held_turns.pop(name, None)
+        if held is not None:
+            held.close()
+
+    def slice_bench_options(self) -> tuple[str, ...]:
+        """A slice bench's options: aoti on random weights made on the device, profiled."""
+        p = self.plan
+        return ("--runtime", "aoti", "--random-weights", "0", "--prompt-len", str(p.slice_prompt_len),
+                "--new-tokens", str(p.slice_new_tokens), "--profile", str(PROFILE_STEPS))
+
     def slice_compiled_here(self, run: tuple[int, str, str, str]) -> tuple[dict[str, dict], list[str]]:
         """One slice, COMPILE_HERE: compiled beside the others (as many at once as the GPU holds),
         then measured with CUDA graphs on and off, apart from every other measurement."""
-        p, name = self.plan, slice_name(*run)
-        args = ("--runtime", "aoti", "--random-weights", "0", "--prompt-len", str(p.slice_prompt_len),
-                "--new-tokens", str(p.slice_new_tokens), "--profile", str(PROFILE_STEPS))
+        name, args = slice_name(*run), self.slice_bench_options()
         runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
         with self.slice_slots:
             return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, self.turns[name])
@@ -716,16 +724,14 @@ class Check:
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
         if self.slices_here:
-            for name, future in self.slices_here.items():
-                held = self.held_turns.pop(name, None)
-                if held is not None:
-                    held.close()  # its turn to measure
-                reports, why = future.result()
+            for run in slice_runs(p):
+                name = slice_name(*run)
+                self.hand_turn(name)
+                reports, why = self.slices_here[name].result()
                 failed += why
-                for run, report in reports.items():
-                    key = name + ("" if run == "aoti" else " without CUDA graphs")
-                    texts.append(self.slice_figures(key, dict(zip(("batch", "weights", "attention", "moe"),
-                                                                  slice_run_of(name, p))), report))
+                for bench_run, report in reports.items():
+                    key = name + ("" if bench_run == "aoti" else " without CUDA graphs")
+                    texts.append(self.slice_figures(key, run, report))
             if failed:
                 raise StageFailed("; ".join(texts + failed))
             return "; ".join(texts)
@@ -738,9 +744,7 @@ class Check:
             if aoti_failed and i > 0 and not texts:
                 failed.append(f"slice {name}: not run (the small preset's aoti benches and the first slice failed)")
                 continue
-            args = (self.work / f"slice-{name}", "--runtime", "aoti", "--random-weights", "0",
-                    "--prompt-len", str(p.slice_prompt_len), "--new-tokens", str(p.slice_new_tokens),
-                    "--profile", str(PROFILE_STEPS))
+            args = (self.work / f"slice-{name}", *self.slice_bench_options())
             try:
                 report = self.bench(f"slice {name}", *args)
             except StageFailed as err:
@@ -752,17 +756,18 @@ class Check:
                 except StageFailed as again:
                     failed.append(str(again))
                     continue
-            texts.append(self.slice_figures(name, {"weights": weights, "attention": attention, "moe": moe}, report))
+            texts.append(self.slice_figures(name, (B, weights, attention, moe), report))
         if failed:
             raise StageFailed("; ".join(texts + failed))
         return "; ".join(texts)
 
-    def slice_figures(self, key: str, how: dict, report: dict) -> str:
+    def slice_figures(self, key: str, run: tuple[int, str, str, str], report: dict) -> str:
         """A slice bench's figures into the summary (under ``key``); its line."""
         r = report["results"]["aoti"]
+        _, weights, attention, moe = run
         self.figures["slice"][key] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
                                       "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                      "weights": how["weights"], "attention": how["attention"], "moe": how["moe"],
+                                      "weights": weights, "attention": attention, "moe": moe,
                                       "prompt_len": self.plan.slice_prompt_len, **pick(r)}
         return (f"{key}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                 f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
@@ -806,8 +811,8 @@ class Check:
             self.stage("bench", self.bench_stage)
         if "slice" in self.stages_chosen:
             self.stage("slice", self.slice_stage)
-        for held in self.held_turns.values():  # turns no slice took (a stage that broke): nothing waits on them
-            held.close()
+        for name in list(self.held_turns):  # turns nobody was handed (a stage that broke): nothing waits on them
+            self.hand_turn(name)
         self.background.shutdown(wait=False)
         if "tests" in self.stages_chosen:
             self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")
