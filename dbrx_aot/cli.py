@@ -234,6 +234,9 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "math", "sdpa"]),
               help="How the AOTInductor graphs compute attention: written out (math) or scaled_dot_product_attention "
                    "(sdpa); auto: sdpa for CPU prefill (measured faster), math elsewhere.")
+@click.option("--moe-kernel", default="auto", show_default=True, type=click.Choice(["auto", "inductor", "triton"]),
+              help="How the AOTInductor decode graph computes the gathered experts: PyTorch ops compiled by "
+                   "Inductor, or hand-written Triton kernels (CUDA only); auto: inductor.")
 @click.option("--tp", default=1, show_default=True,
               help="Tensor-parallel degree: one package for N ranks, each rank's weight shard in weights/rank-R/ "
                    "(run with torchrun --nproc-per-node N; aoti only).")
@@ -242,7 +245,7 @@ def generate_cmd(path: Path, runtime: str, device: str, prompts: tuple[str, ...]
 def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dtype: str, weights_format: str,
                onnx_accuracy_level: str | None, batch_size: int, max_seq_len: int | None, prefill_chunk: int | None,
                moe: str, force: bool, skip_weights: bool, preset_name: str | None, layers: int | None,
-               attention: str, tp: int) -> None:
+               attention: str, moe_kernel: str, tp: int) -> None:
     """Export a Hugging Face DBRX checkpoint to an artifact directory (AOTInductor and/or ONNX).
 
     \b
@@ -267,7 +270,7 @@ def export_cmd(checkpoint: Path | None, out: Path, formats: str, device: str, dt
                              weights_format=weights_format, batch_size=batch_size,
                              onnx_accuracy_level=None if onnx_accuracy_level is None else int(onnx_accuracy_level),
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, moe=moe, attention=attention,
-                             tp=tp, force=force,
+                             moe_kernel=moe_kernel, tp=tp, force=force,
                              skip_weights=skip_weights, config=preset(preset_name, layers) if preset_name else None,
                              progress=progress_enabled())
     click.echo(artifact_size_report(report.sizes))

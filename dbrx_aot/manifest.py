@@ -46,6 +46,7 @@ class Manifest:
     weights_format: str = "same"      # how the matrices are stored: same (as dtype), bfloat16, int8
     onnx_accuracy_level: int | None = None  # int8 ONNX linear layers as MatMulNBits at this level (4)
     attention: str = "math"           # as requested (auto, math, sdpa); per graph as compiled: graphs[g]["aoti_attention"]
+    moe_kernel: str = "auto"          # as requested (auto, inductor, triton); per graph: graphs[g]["aoti_moe_kernel"]
     tp: int = 1                       # tensor-parallel degree: ranks that run the graphs together (torchrun)
     tp_group: str | None = None       # the process group name the packages' collectives were compiled with
     rank_weights: list[dict[str, str]] = dataclasses.field(default_factory=list)  # tp > 1: per rank, as weights

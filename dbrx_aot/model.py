@@ -299,6 +299,11 @@ class MoE(nn.Module):
     # that streams the rows); True, batched matmuls (onnxruntime runs each elementwise op as its own
     # pass, so the matmul form decodes 1.37x faster there). Set by the ONNX export (export/onnx.py).
     gather_matmul = False
+    # The gather form's kernels: "inductor", the products above as PyTorch ops (compiled by Inductor on
+    # every device); "triton", moe_kernels' hand-written Triton kernels (CUDA; set by
+    # ``use_triton_gather``, export's --moe-kernel).
+    gather_kernel = "inductor"
+    zero_point = 0  # what the stored expert integers are offset by (Int8MoE: q + 128)
 
     def weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return w.to(dtype)
@@ -332,31 +337,44 @@ class MoE(nn.Module):
         elif mode == "grouped":
             out = self.grouped(h, top_w, top_e)
         else:
-            # Only the chosen experts' rows, gathered by index per token (then upcast). index_select
-            # along E, not w[top_e]: ONNX Gather instead of GatherND, which onnxruntime's CPU provider
-            # copies at half the speed; Inductor compiles both into the same indexed load.
-            N, k = top_e.shape
-            w1, v1, w2 = (self.weight(w.index_select(0, top_e.reshape(N * k)), dt).view(N, k, *w.shape[1:])
-                          for w in (self.w1, self.v1, self.w2))         # [N, k, F, D]
-            if self.gather_matmul:
-                hc = h[:, None, :, None]                                # [N, 1, D, 1]
-                gate = F_.silu(self.scale((w1 @ hc)[..., 0], "w1", top_e))  # [N, k, F]
-                up = self.scale((v1 @ hc)[..., 0], "v1", top_e)         # [N, k, F]
-                y = self.scale(((gate * up)[:, :, None, :] @ w2)[:, :, 0], "w2", top_e)  # [N, k, D]
+            if self.gather_kernel == "triton":
+                # moe_kernels: the same sums, each chosen row read once in its stored dtype (fp32
+                # accumulation), and the same scales and rounding to dt after each.
+                rowdot, coldot, z = torch.ops.dbrx_aot.gather_rowdot, torch.ops.dbrx_aot.gather_coldot, self.zero_point
+                gate = F_.silu(self.scale(rowdot(h, top_e, self.w1, z).to(dt), "w1", top_e))  # [N, k, F]
+                up = self.scale(rowdot(h, top_e, self.v1, z).to(dt), "v1", top_e)             # [N, k, F]
+                y = self.scale(coldot(gate * up, top_e, self.w2, z).to(dt), "w2", top_e)      # [N, k, D]
             else:
-                hk = h[:, None, None, :]                                # [N, 1, 1, D]
-                gate = F_.silu(self.scale((hk * w1).sum(-1), "w1", top_e))  # [N, k, F]
-                up = self.scale((hk * v1).sum(-1), "v1", top_e)         # [N, k, F]
-                # w2 reduces over its rows (F): summed R rows at a time first, so Inductor's kernel
-                # walks R neighbouring rows per step instead of one column of D down all F rows
-                # (small preset decode on 2 cores, S=2048: 14.5 -> 13.6 ms a step).
-                F = gate.shape[2]
-                R = math.gcd(F, W2_ROW_BLOCK)
-                a = (gate * up).view(N, k, F // R, R, 1)                # [N, k, F/R, R, 1]
-                y = (a * w2.view(N, k, F // R, R, D)).sum(3).sum(2)     # [N, k, D]
-                y = self.scale(y, "w2", top_e)
+                y = self.gathered(h, top_e, dt)                         # [N, k, D]
             out = (y * top_w[..., None]).sum(1)                         # [N, D]
         return out.view(B, T, D)
+
+    def gathered(self, h, top_e, dt):
+        """The gather form's products in PyTorch: h [N, D], top_e [N, k] -> y [N, k, D] (scaled)."""
+        (N, D), k = h.shape, top_e.shape[1]
+        # Only the chosen experts' rows, gathered by index per token (then upcast). index_select
+        # along E, not w[top_e]: ONNX Gather instead of GatherND, which onnxruntime's CPU provider
+        # copies at half the speed; Inductor compiles both into the same indexed load.
+        w1, v1, w2 = (self.weight(w.index_select(0, top_e.reshape(N * k)), dt).view(N, k, *w.shape[1:])
+                      for w in (self.w1, self.v1, self.w2))             # [N, k, F, D]
+        if self.gather_matmul:
+            hc = h[:, None, :, None]                                # [N, 1, D, 1]
+            gate = F_.silu(self.scale((w1 @ hc)[..., 0], "w1", top_e))  # [N, k, F]
+            up = self.scale((v1 @ hc)[..., 0], "v1", top_e)         # [N, k, F]
+            y = self.scale(((gate * up)[:, :, None, :] @ w2)[:, :, 0], "w2", top_e)  # [N, k, D]
+        else:
+            hk = h[:, None, None, :]                                # [N, 1, 1, D]
+            gate = F_.silu(self.scale((hk * w1).sum(-1), "w1", top_e))  # [N, k, F]
+            up = self.scale((hk * v1).sum(-1), "v1", top_e)         # [N, k, F]
+            # w2 reduces over its rows (F): summed R rows at a time first, so Inductor's kernel
+            # walks R neighbouring rows per step instead of one column of D down all F rows
+            # (small preset decode on 2 cores, S=2048: 14.5 -> 13.6 ms a step).
+            F = gate.shape[2]
+            R = math.gcd(F, W2_ROW_BLOCK)
+            a = (gate * up).view(N, k, F // R, R, 1)                # [N, k, F/R, R, 1]
+            y = (a * w2.view(N, k, F // R, R, D)).sum(3).sum(2)     # [N, k, D]
+            y = self.scale(y, "w2", top_e)
+        return y
 
     def grouped(self, h, top_w, top_e):
         """Each expert's matmuls over only the token slots routed to it: the N*k slots sorted by
@@ -382,6 +400,8 @@ class MoE(nn.Module):
 class Int8MoE(MoE):
     """The experts as uint8 ``q + 128`` [E, F, D] with fp32 scales per output channel: w1, v1 [E, F]
     (their matmuls reduce over D), w2 [E, D] (it reduces over F). Router unquantised."""
+
+    zero_point = INT8_ZERO_POINT
 
     def __init__(self, moe: MoE):
         nn.Module.__init__(self)
@@ -472,6 +492,19 @@ def use_attention_extents(module: nn.Module, extents: tuple[int, ...]) -> nn.Mod
     for child in module.modules():
         if isinstance(child, Attention):
             child.extents = tuple(extents)
+    return module
+
+
+def use_triton_gather(module: nn.Module) -> nn.Module:
+    """Every MoE below ``module`` computes its gather form with moe_kernels' Triton kernels, in place.
+    The other forms (dense, grouped) are unchanged."""
+    from dbrx_aot import moe_kernels  # registers torch.ops.dbrx_aot.gather_rowdot / gather_coldot
+
+    if not moe_kernels.available():
+        raise DbrxAotError("--moe-kernel triton: triton is not installed (it comes with CUDA builds of torch)")
+    for child in module.modules():
+        if isinstance(child, MoE):
+            child.gather_kernel = "triton"
     return module
 
 

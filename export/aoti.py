@@ -16,7 +16,7 @@ import torch
 import torch._inductor
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-from dbrx_aot.model import DbrxModel, use_attention_extents, use_rowdot, use_sdpa
+from dbrx_aot.model import DbrxModel, use_attention_extents, use_rowdot, use_sdpa, use_triton_gather
 from dbrx_aot.export.trace import GraphSpec, export_program, torch_deprecations_hidden
 
 INDUCTOR_CONFIGS = {
@@ -61,12 +61,14 @@ def resolve_linear(spec: GraphSpec, batch_size: int, device: torch.device, weigh
 
 
 def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_len: int, out: Path,
-                    attention: str = "math", linear: str = "mm", extents: tuple[int, ...] = ()) -> Path:
+                    attention: str = "math", linear: str = "mm", extents: tuple[int, ...] = (),
+                    moe_kernel: str = "inductor") -> Path:
     """torch.export the in-place-cache graph and compile it into ``out`` (.pt2); ``attention``:
     ``math`` or ``sdpa`` (trace.resolve_attention); ``linear``: ``mm`` or ``rowdot`` (resolve_linear);
-    ``extents``: the cache extents its attention may stay within (trace.attention_extents)."""
+    ``extents``: the cache extents its attention may stay within (trace.attention_extents);
+    ``moe_kernel``: ``inductor`` or ``triton`` (trace.resolve_moe_kernel)."""
     rowdot = linear == "rowdot"
-    if rowdot or attention == "sdpa" or extents:
+    if rowdot or attention == "sdpa" or extents or moe_kernel == "triton":
         # A structural copy sharing the same parameters (no weight is copied).
         model = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
         if rowdot:
@@ -75,6 +77,8 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
             use_sdpa(model)
         if extents:
             use_attention_extents(model, extents)
+        if moe_kernel == "triton":
+            use_triton_gather(model)
     program = export_program(model, spec, batch_size, max_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch_deprecations_hidden(), compile_lock():

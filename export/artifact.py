@@ -23,7 +23,7 @@ from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
 from dbrx_aot.export.trace import (GRAPHS, GraphSpec, attention_extents, empty_model, io_description,
-                                   resolve_attention, stage)
+                                   resolve_attention, resolve_moe_kernel, stage)
 from dbrx_aot.model import project_ops, resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
 from dbrx_aot.devices import resolve_device
@@ -66,7 +66,7 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", device="cpu", dtype="float32",
                     batch_size: int = 1, max_seq_len: int | None = None, prefill_chunk: int | None = None,
                     moe: str = "auto", weights_format: str = "same", onnx_accuracy_level: int | None = None,
-                    tp: int = 1, attention: str = "auto", force: bool = False,
+                    tp: int = 1, attention: str = "auto", moe_kernel: str = "auto", force: bool = False,
                     skip_weights: bool = False, config: DbrxConfig | None = None,
                     progress: bool = True) -> ExportReport:
     """Export the prefill and decode graphs (and weights, unless ``skip_weights``) to ``out``.
@@ -74,7 +74,8 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     ``dtype`` is the compute dtype; ``weights_format`` how the matrices are stored (quantize.py);
     ``onnx_accuracy_level`` (int8 only): the ONNX linear layers as MatMulNBits at that level.
     ``attention``: how the AOTInductor graphs compute attention (``auto``, ``math``, ``sdpa``;
-    trace.resolve_attention). ``tp``: tensor-parallel degree: one package per graph for every rank,
+    trace.resolve_attention); ``moe_kernel``: how they compute gathered experts (``auto``, ``inductor``,
+    ``triton``; trace.resolve_moe_kernel). ``tp``: tensor-parallel degree: one package per graph for every rank,
     each rank's weights in weights/rank-R/ (dbrx_aot/tp.py).
 
     ``checkpoint`` is a Hugging Face DBRX directory; with ``skip_weights`` a ``config`` alone
@@ -123,6 +124,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
     specs = graph_specs(onnx="aoti" not in formats)
     onnx_specs = graph_specs(onnx=True) if "onnx" in formats else {}
     attention_modes = {name: resolve_attention(attention, spec, dev) for name, spec in specs.items()}
+    moe_kernels = {name: resolve_moe_kernel(moe_kernel, spec, dev) for name, spec in specs.items()}
     if out.exists() and not force:
         raise DbrxAotError(f"{out}: already exists (use --force to overwrite)")
 
@@ -152,11 +154,12 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
                     extents = attention_extents(specs[name], dev, max_seq_len, torch_dtype)
                     with stage(f"aoti {name}: export + compile", timings, bar):
                         compile_package(model, specs[name], batch_size, max_seq_len, tmp / "aoti" / f"{name}.pt2",
-                                        attention_modes[name], linear, extents)
+                                        attention_modes[name], linear, extents, moe_kernels[name])
                     graphs[name]["aoti"] = f"aoti/{name}.pt2"
                     graphs[name]["aoti_attention"] = attention_modes[name]
                     graphs[name]["aoti_attention_extents"] = list(extents)
                     graphs[name]["aoti_linear"] = linear
+                    graphs[name]["aoti_moe_kernel"] = moe_kernels[name]
                     graphs[name]["aoti_ops"] = project_ops(specs[name].moe, torch_dtype)
         if "onnx" in formats:
             from dbrx_aot.export.onnx import export_onnx
@@ -181,6 +184,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
             prefill_chunk=prefill_chunk, moe=moe, moe_modes={n: specs[n].moe for n in GRAPHS}, config=config,
             formats=list(formats), graphs=graphs, weights=weights, weights_format=weights_format,
             onnx_accuracy_level=onnx_accuracy_level, tp=tp, tp_group=tp_group, attention=attention,
+            moe_kernel=moe_kernel,
             rank_weights=rank_weights if tp > 1 else [],
             tokenizer={"encoding": "cl100k_base", "eos_ids": list(tokenizer.eos_ids), "pad_id": tokenizer.pad_id,
                        "bos_id": tokenizer.bos_id, "chat_template": tokenizer.chat_template},

@@ -21,6 +21,7 @@ log = logging.getLogger("dbrx_aot.export")
 
 GRAPHS = ("prefill", "decode")
 ATTENTION_MODES = ("auto", "math", "sdpa")
+MOE_KERNELS = ("auto", "inductor", "triton")
 
 
 def peak_rss_gb() -> tuple[float, float]:
@@ -78,6 +79,19 @@ def resolve_attention(attention: str, spec: GraphSpec, device: torch.device) -> 
     if attention == "auto":
         return "sdpa" if device.type == "cpu" and spec.name == "prefill" else "math"
     return attention
+
+
+def resolve_moe_kernel(kernel: str, spec: GraphSpec, device: torch.device) -> str:
+    """How an AOTInductor graph computes its gather-form experts: ``inductor`` (model.MoE's products
+    in PyTorch, compiled by Inductor) or ``triton`` (model.use_triton_gather: moe_kernels' kernels,
+    compiled for CUDA only). ``auto``: inductor, until the Triton kernels are measured against it on a
+    GPU (the GPU check's slice ``batch1-triton``). A graph whose experts are not gathered (dense,
+    grouped) has nothing to swap: inductor."""
+    if kernel not in MOE_KERNELS:
+        raise DbrxAotError(f"--moe-kernel {kernel}: expected one of {', '.join(MOE_KERNELS)}")
+    if kernel == "triton" and device.type != "cuda":
+        raise DbrxAotError(f"--moe-kernel triton: the Triton kernels compile for CUDA only, not --device {device.type}")
+    return "triton" if kernel == "triton" and spec.moe == "gather" else "inductor"
 
 
 EXTENT_STEP = 4  # each cache extent of a prefill graph is this many times the one below it

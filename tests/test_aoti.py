@@ -68,6 +68,26 @@ def test_attention_form_per_graph(artifacts, tiny_checkpoint, tmp_path):
         export_artifact(tiny_checkpoint, tmp_path / "x", attention="flash", progress=False)
 
 
+def test_moe_kernel_per_graph(artifacts, tiny_checkpoint, tmp_path):
+    """auto: Inductor's gather everywhere (the Triton kernels are CUDA only, and not the default
+    before a GPU run measures them); a graph without a gather has no kernel to swap."""
+    from dbrx_aot.export.trace import GraphSpec, resolve_moe_kernel
+
+    graphs = json.loads((artifacts["gather"] / "manifest.json").read_text())["graphs"]
+    assert graphs["prefill"]["aoti_moe_kernel"] == graphs["decode"]["aoti_moe_kernel"] == "inductor"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    decode, prefill = GraphSpec("decode", 1, "gather"), GraphSpec("prefill", 64, "dense")
+    assert resolve_moe_kernel("triton", decode, cuda) == "triton"
+    assert resolve_moe_kernel("triton", prefill, cuda) == "inductor"
+    assert resolve_moe_kernel("auto", decode, cuda) == "inductor"
+    with pytest.raises(DbrxAotError, match="--moe-kernel triton: the Triton kernels compile for CUDA only, not "
+                                           "--device cpu"):
+        dbrx_aot.export.export_artifact(tiny_checkpoint, tmp_path / "x", moe_kernel="triton", progress=False)
+    with pytest.raises(DbrxAotError, match="--moe-kernel cutlass: expected one of auto, inductor, triton"):
+        resolve_moe_kernel("cutlass", decode, cpu)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cpu_decode_at_batch_1_uses_rowdot_only_on_narrow_weights(artifacts, weight_artifacts):
     def linear(path):
         graphs = json.loads((path / "manifest.json").read_text())["graphs"]
