@@ -352,7 +352,9 @@ def load_manifest_or_none(path: Path) -> dict | None:
     return {"batch_size": m.batch_size, "max_seq_len": m.max_seq_len, "prefill_chunk": m.prefill_chunk,
             "tp": m.tp,
             "dtype": m.dtype, "weights_format": m.weights_format, "onnx_accuracy_level": m.onnx_accuracy_level,
-            "moe_modes": m.moe_modes}
+            "moe_modes": m.moe_modes,
+            # how the AOTInductor decode graph computes gathered experts (export --moe-kernel)
+            "decode_moe_kernel": m.graphs["decode"].get("aoti_moe_kernel", "inductor")}
 
 
 def format_table(report: dict) -> str:
@@ -370,7 +372,9 @@ def format_table(report: dict) -> str:
              f"(torch {report['torch']}, {report['threads']} threads)", processes,
              *([f"weights stored as {report['shapes']['weights_format']}, computed in {report['shapes']['dtype']}"
                 + (f"; onnxruntime MatMulNBits accuracy level {report['shapes']['onnx_accuracy_level']}"
-                   if report['shapes']['onnx_accuracy_level'] is not None else "")]
+                   if report['shapes']['onnx_accuracy_level'] is not None else "")
+                + ("; aoti decode's gathered experts on the Triton kernels"
+                   if report['shapes'].get('decode_moe_kernel') == "triton" else "")]
                if report["shapes"] else []),
              header, "-" * len(header)]
     base = report["results"].get("eager", {}).get("decode_tokens_per_s")

@@ -59,6 +59,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 # Imports the package and its tests need: module -> pip package.
@@ -85,13 +86,15 @@ class Plan:
     slice_prompt_len: int
     slice_new_tokens: int
     slice_weight_gb: float   # the slice's weights in the plan's dtype (a test holds it to param_count)
+    slice_moe_kernels: tuple[str, ...] = ()  # batch 1 again with each of these --moe-kernel (CUDA: triton)
 
 
 PLANS = {
     # 2 layers of the released model: 15.5 GB of bf16 weights (6.5 GB a layer, 2.5 GB embedding + lm_head).
     "cuda": Plan(dtype="bfloat16", bench_preset="small", bench_shapes=(512, 64), bench_prompt_len=128,
                  bench_new_tokens=64, slice_preset="dbrx-132b", slice_layers=2, slice_batches=(1, 8),
-                 slice_shapes=(1024, 512), slice_prompt_len=512, slice_new_tokens=32, slice_weight_gb=15.50),
+                 slice_shapes=(1024, 512), slice_prompt_len=512, slice_new_tokens=32, slice_weight_gb=15.50,
+                 slice_moe_kernels=("triton",)),
     "cpu": Plan(dtype="bfloat16", bench_preset="tiny", bench_shapes=(64, 16), bench_prompt_len=16,
                 bench_new_tokens=8, slice_preset="small", slice_layers=1, slice_batches=(1,),
                 slice_shapes=(64, 32), slice_prompt_len=32, slice_new_tokens=8, slice_weight_gb=0.257),
@@ -136,14 +139,24 @@ COMPILE_HERE = "the artifact compiled again in the CLI's own process"
 WHOLE_REDUCTIONS = ("TORCHINDUCTOR_SPLIT_REDUCTIONS=0", "TORCHINDUCTOR_ONLINE_SOFTMAX=0")
 
 
-def slice_runs(plan) -> list[tuple[int, str, str, str]]:
-    """(batch, --weights, --attention, --moe) of each slice run: every batch size as stored (the
-    plan's dtype), batch 1 with int8 weights (issue 10: int8 against bf16 at real width), batch 1
-    with scaled_dot_product_attention and batch 1 with the prefill experts grouped (issue 13: sdpa
+class SliceRun(NamedTuple):
+    """How one slice is exported: its export options (``auto``: the default)."""
+    batch: int
+    weights: str = "same"
+    attention: str = "auto"
+    moe: str = "auto"
+    moe_kernel: str = "auto"
+
+
+def slice_runs(plan) -> list[SliceRun]:
+    """Each slice run: every batch size as stored (the plan's dtype); batch 1 with each of the plan's
+    other MoE kernels (the Triton gather kernels against Inductor's: the batch-1 bandwidth target);
+    batch 1 with int8 weights (issue 10: int8 against bf16 at real width); batch 1 with
+    scaled_dot_product_attention and batch 1 with the prefill experts grouped (issue 13: sdpa
     against the written-out attention, grouped against dense prefill; auto picks dense on CUDA)."""
     B = plan.slice_batches[0]
-    return ([(b, "same", "auto", "auto") for b in plan.slice_batches]
-            + [(B, "int8", "auto", "auto"), (B, "same", "sdpa", "auto"), (B, "same", "auto", "grouped")])
+    return ([SliceRun(b) for b in plan.slice_batches] + [SliceRun(B, moe_kernel=k) for k in plan.slice_moe_kernels]
+            + [SliceRun(B, weights="int8"), SliceRun(B, attention="sdpa"), SliceRun(B, moe="grouped")])
 
 
 def default_aoti_ran(runs: dict) -> bool:
@@ -164,9 +177,10 @@ def json_reports(out: str) -> list[dict]:
     return reports
 
 
-def slice_name(batch: int, weights: str, attention: str = "auto", moe: str = "auto") -> str:
-    return (f"batch{batch}" + ("" if weights == "same" else f"-{weights}")
-            + ("" if attention == "auto" else f"-{attention}") + ("" if moe == "auto" else f"-{moe}"))
+def slice_name(run: SliceRun) -> str:
+    """batch{B}, then each option that is not the default: batch1-int8, batch1-triton, ..."""
+    _, weights, *rest = run
+    return f"batch{run.batch}" + "".join(f"-{v}" for v in (weights, *rest) if v not in ("same", "auto"))
 
 
 class Check:
@@ -209,7 +223,7 @@ class Check:
         # benches are done, in slice_runs' order (slice_stage): no two measurements overlap, and a
         # deadline cuts the last slices, not the first.
         self.turns = {name: self.work / f"turn-{name}.lock"
-                      for name in ["bench", *(slice_name(*run) for run in slice_runs(self.plan))]}
+                      for name in ["bench", *(slice_name(run) for run in slice_runs(self.plan))]}
         self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
@@ -359,12 +373,13 @@ class Check:
                 jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *export]])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
-            for B, weights, attention, moe in slice_runs(p):
-                name = slice_name(B, weights, attention, moe)
+            for run in slice_runs(p):
+                name = slice_name(run)
                 jobs[f"slice {name}"] = (w / f"slice-{name}", [self.cli(
                     "export", "--preset", p.slice_preset, "--layers", str(p.slice_layers), "--skip-weights",
                     "-o", str(w / f"slice-{name}"), "--format", "aoti", "--device", dev, "--dtype", p.dtype,
-                    "--weights", weights, "--attention", attention, "--moe", moe, "--batch-size", str(B),
+                    "--weights", run.weights, "--attention", run.attention, "--moe", run.moe,
+                    "--moe-kernel", run.moe_kernel, "--batch-size", str(run.batch),
                     "--max-seq-len", str(S), "--prefill-chunk", str(P), "--force")])
         return jobs
 
@@ -504,7 +519,7 @@ class Check:
         if self.compile_here and "bench" in self.stages_chosen:
             self.bench_here = self.background.submit(self.bench_compiled_here)
         if self.compile_here and "slice" in self.stages_chosen:
-            self.slices_here = {slice_name(*run): self.background.submit(self.slice_compiled_here, run)
+            self.slices_here = {slice_name(run): self.background.submit(self.slice_compiled_here, run)
                                 for run in slice_runs(self.plan)}
         self.loading_decided.set()
 
@@ -711,10 +726,10 @@ class Check:
         return ("--runtime", "aoti", "--random-weights", "0", "--prompt-len", str(p.slice_prompt_len),
                 "--new-tokens", str(p.slice_new_tokens), "--profile", str(PROFILE_STEPS))
 
-    def slice_compiled_here(self, run: tuple[int, str, str, str]) -> tuple[dict[str, dict], list[str]]:
+    def slice_compiled_here(self, run: SliceRun) -> tuple[dict[str, dict], list[str]]:
         """One slice, COMPILE_HERE: compiled beside the others (as many at once as the GPU holds),
         then measured with CUDA graphs on and off, apart from every other measurement."""
-        name, args = slice_name(*run), self.slice_bench_options()
+        name, args = slice_name(run), self.slice_bench_options()
         runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
         with self.slice_slots:
             return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, self.turns[name])
@@ -725,7 +740,7 @@ class Check:
         texts, failed = [], []
         if self.slices_here:
             for run in slice_runs(p):
-                name = slice_name(*run)
+                name = slice_name(run)
                 self.hand_turn(name)
                 reports, why = self.slices_here[name].result()
                 failed += why
@@ -739,8 +754,8 @@ class Check:
         # fail alike, and the device minutes they would spend are better left for a rerun.
         bench_runs = self.figures.get("bench", {}).get("runs")
         aoti_failed = bench_runs is not None and not default_aoti_ran(bench_runs)
-        for i, (B, weights, attention, moe) in enumerate(slice_runs(p)):
-            name = slice_name(B, weights, attention, moe)
+        for i, run in enumerate(slice_runs(p)):
+            name = slice_name(run)
             if aoti_failed and i > 0 and not texts:
                 failed.append(f"slice {name}: not run (the small preset's aoti benches and the first slice failed)")
                 continue
@@ -756,18 +771,18 @@ class Check:
                 except StageFailed as again:
                     failed.append(str(again))
                     continue
-            texts.append(self.slice_figures(name, (B, weights, attention, moe), report))
+            texts.append(self.slice_figures(name, run, report))
         if failed:
             raise StageFailed("; ".join(texts + failed))
         return "; ".join(texts)
 
-    def slice_figures(self, key: str, run: tuple[int, str, str, str], report: dict) -> str:
+    def slice_figures(self, key: str, run: SliceRun, report: dict) -> str:
         """A slice bench's figures into the summary (under ``key``); its line."""
         r = report["results"]["aoti"]
-        _, weights, attention, moe = run
         self.figures["slice"][key] = {"copy_bandwidth_gb_s": report["copy_bandwidth_gb_s"],
                                       "read_bandwidth_gb_s": report.get("read_bandwidth_gb_s"),
-                                      "weights": weights, "attention": attention, "moe": moe,
+                                      "weights": run.weights, "attention": run.attention, "moe": run.moe,
+                                      "moe_kernel": run.moe_kernel,
                                       "prompt_len": self.plan.slice_prompt_len, **pick(r)}
         return (f"{key}: {r['decode_ms_per_layer']:.3f} ms/layer, {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                 f"a step, {r['fraction_of_bandwidth_limit']:.0%} of {report['copy_bandwidth_gb_s']:.0f} GB/s, "
@@ -1046,7 +1061,8 @@ def format_summary(s: dict) -> str:
         for name, r in runs.items():
             lines.append(f"| {name.removeprefix('batch').split('-')[0]} | {r.get('weights', 'same')} | "
                          f"{r.get('attention', 'auto')} | "
-                         f"{'on' if r['cuda_graphs'] else 'off'} | {r.get('moe', 'auto')} / {r['decode_moe']} | "
+                         f"{'on' if r['cuda_graphs'] else 'off'} | {r.get('moe', 'auto')} / {r['decode_moe']}"
+                         f"{' (Triton kernels)' if r.get('moe_kernel') == 'triton' else ''} | "
                          f"{r['decode_ms_p50']:.3f} | {r['decode_ms_per_layer']:.3f} | "
                          f"{r['decode_bytes_per_step'] / 1e9:.3f} | {r['decode_bandwidth_gb_s']:.0f} | "
                          f"{r['copy_bandwidth_gb_s']:.0f} | {r['fraction_of_bandwidth_limit']:.1%} | "

@@ -24,17 +24,19 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="session")
 def cuda_artifact(tiny_checkpoint, tmp_path_factory):
-    """dtype -> an aoti artifact exported with --device cuda (batch 2), built on first use."""
+    """(dtype, --moe-kernel) -> an aoti artifact exported with --device cuda (batch 2: its decode graph
+    gathers the experts), built on first use."""
     from dbrx_aot.export import export_artifact
 
     root = tmp_path_factory.mktemp("cuda-artifacts")
     built = {}
 
-    def get(dtype: str):
-        if dtype not in built:
-            built[dtype] = export_artifact(tiny_checkpoint, root / dtype, formats="aoti", device="cuda", dtype=dtype,
-                                           progress=False, **ARTIFACT_SHAPES).path
-        return built[dtype]
+    def get(dtype: str, moe_kernel: str = "auto"):
+        if (dtype, moe_kernel) not in built:
+            built[dtype, moe_kernel] = export_artifact(
+                tiny_checkpoint, root / f"{dtype}-{moe_kernel}", formats="aoti", device="cuda", dtype=dtype,
+                moe_kernel=moe_kernel, progress=False, **ARTIFACT_SHAPES).path
+        return built[dtype, moe_kernel]
 
     return get
 
@@ -92,9 +94,26 @@ def test_cuda_aoti_bf16_within_the_bf16_tolerance_of_eager(cuda_artifact):
     assert result.reference == "eager float32" and result.within_tolerance, format_table(result)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graphs_on_and_off_are_bit_identical(cuda_artifact, dtype):
-    path = cuda_artifact(dtype)
+def test_cuda_aoti_triton_gather_kernels_prefill_and_32_decode_steps_match_eager(cuda_artifact, fp32_pair):
+    """--moe-kernel triton: the decode graph's gathered experts on moe_kernels' Triton kernels, held to
+    the fp32 ladder against eager's PyTorch gather form."""
+    path = cuda_artifact("float32", "triton")
+    graphs = json.loads((path / "manifest.json").read_text())["graphs"]
+    assert (graphs["prefill"]["aoti_moe_kernel"], graphs["decode"]["aoti_moe_kernel"]) == ("inductor", "triton")
+    aoti = dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False)
+    check_prefill_and_decode(aoti, fp32_pair[1], atol=TOLERANCE[("aoti", torch.float32)])
+
+
+def test_cuda_aoti_bf16_triton_gather_kernels_within_the_bf16_tolerance_of_eager(cuda_artifact):
+    from dbrx_aot.verify import format_table, verify
+
+    result = verify(cuda_artifact("bfloat16", "triton"), ["aoti"], device="cuda", steps=32, progress=False)
+    assert result.reference == "eager float32" and result.within_tolerance, format_table(result)
+
+
+@pytest.mark.parametrize("dtype, moe_kernel", [("float32", "auto"), ("bfloat16", "auto"), ("bfloat16", "triton")])
+def test_cuda_graphs_on_and_off_are_bit_identical(cuda_artifact, dtype, moe_kernel):
+    path = cuda_artifact(dtype, moe_kernel)
     on = dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False, cuda_graphs=True)
     off = dbrx_aot.load_runtime(path, "aoti", device="cuda", progress=False, cuda_graphs=False)
     assert on.cuda_graphs and not off.cuda_graphs

@@ -45,7 +45,7 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
                                                      "summary.json", "summary.md"]
     # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
     names = {t["name"] for t in summary["tests"]}
-    assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16]" in names and len(names) >= 8
+    assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16-triton]" in names and len(names) >= 8
     assert all(t["outcome"] == "skipped" and "no CUDA device" in t["message"] for t in summary["tests"])
     # The load probe: decode.pt2 loaded by a fresh process, plainly (after the libstdc++ report) and each way round.
     probe = summary["figures"]["load_probe"]
@@ -167,9 +167,12 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
     jobs = check.export_jobs()
     plan = gpu_check.PLANS[device]
     whole = ["bench artifact, reductions whole"] if device == "cuda" else []  # for the CUDA diagnosis only
+    kernels = ["triton"] if device == "cuda" else []  # the Triton gather kernels compile for CUDA only
     assert list(jobs) == (["bench artifact"] + whole + [f"slice batch{b}" for b in plan.slice_batches]
-                          + [f"slice batch{plan.slice_batches[0]}-{v}" for v in ("int8", "sdpa", "grouped")])
+                          + [f"slice batch{plan.slice_batches[0]}-{v}" for v in (*kernels, "int8", "sdpa", "grouped")])
     flat = [" ".join(cmd) for _, cmds in jobs.values() for cmd in cmds]
+    assert [c for c in flat if "--moe-kernel triton" in c] == [c for c in flat if "slice-batch1-triton " in c]
+    assert len([c for c in flat if "--moe-kernel triton" in c]) == len(kernels)
     assert all("--device " + device in c for c in flat if " export " in c)
     assert [c.startswith("env TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_ONLINE_SOFTMAX=0 ") for c in flat] == \
         [c.endswith("bench-art-whole --format aoti --device cuda --dtype bfloat16 --max-seq-len 512 "
@@ -180,8 +183,8 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
 def test_a_rerun_of_one_stage_exports_only_what_it_needs(tmp_path):
     check = make_check(tmp_path, "cuda")
     check.stages_chosen = {"slice"}
-    assert list(check.export_jobs()) == ["slice batch1", "slice batch8", "slice batch1-int8", "slice batch1-sdpa",
-                                         "slice batch1-grouped"]
+    assert list(check.export_jobs()) == ["slice batch1", "slice batch8", "slice batch1-triton", "slice batch1-int8",
+                                         "slice batch1-sdpa", "slice batch1-grouped"]
     check.stages_chosen = {"tests"}
     assert check.export_jobs() == {}
     check.stages_chosen = {"probe"}  # it loads the bench artifact's decode.pt2
@@ -216,8 +219,10 @@ def test_a_failed_bench_run_keeps_the_other_runs_figures(tmp_path):
     assert not check.stages[0]["ok"] and "stream is capturing" in check.stages[0]["detail"]
     assert set(check.figures["bench"]["runs"]) == {"eager", "aoti_no_cuda_graphs"} and len(calls) == 3
     check.stage("slice", check.slice_stage)  # each batch retried without CUDA graphs, and measured
-    assert {k for k in check.figures["slice"] if k.startswith("batch")} == {"batch1", "batch8", "batch1-int8",
-                                                                              "batch1-sdpa", "batch1-grouped"}
+    assert {k for k in check.figures["slice"] if k.startswith("batch")} == {"batch1", "batch8", "batch1-triton",
+                                                                              "batch1-int8", "batch1-sdpa",
+                                                                              "batch1-grouped"}
+    assert check.figures["slice"]["batch1-triton"]["moe_kernel"] == "triton"
     md = gpu_check.format_summary(check.summary())
     assert "| eager | off | 100 | 50.0 |" in md and "aoti vs eager decode: -x" in md
 
@@ -452,7 +457,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     # graphs on, then off) in its turn (a lock file of its own); no diagnosis (a fresh process would die alike);
     # the exports for fresh processes are not made.
     check, commands = checked({**outcomes, own: died})
-    assert check.workaround is None and check.compile_here and len(check.slices_here) == 5 and check.bench_here
+    assert check.workaround is None and check.compile_here and check.bench_here
+    assert len(check.slices_here) == len(gpu_check.slice_runs(check.plan))
     concurrent.futures.wait([*check.slices_here.values(), check.bench_here])
     assert check.run_job("slice batch1", check.work / "slice-batch1", [["false"]])[2].startswith("not needed")
     check.stage("bench", check.bench_stage)
@@ -500,7 +506,8 @@ def test_compile_here_decides_at_the_start_and_leaves_the_load_probe_a_diagnosis
     check.forced_compile_here, check.jobs = True, check.export_jobs()
     check.run = lambda label, cmd, timeout, env=None: (0, "")
     check.decide_loading(None)
-    assert check.compile_here and check.loading_decided.is_set() and len(check.slices_here) == 5
+    assert check.compile_here and check.loading_decided.is_set()
+    assert len(check.slices_here) == len(gpu_check.slice_runs(check.plan))
     check.decide_loading({"decode.pt2": "ok: loaded: 19 constants at 9.0 s"})
     assert check.compile_here and check.workaround is None and "--compile-here" in check.figures["workaround"]
     assert check.run_job("slice batch8", check.work / "slice-batch8", [["false"]])[2].startswith("not needed")

@@ -3,7 +3,8 @@
 The kernels run on CUDA; without a GPU, Triton's interpreter runs the very same kernel code on CPU
 tensors, but only when TRITON_INTERPRET=1 was set before triton was imported. So the checks below
 run where that holds (``test_kernels_in_the_triton_interpreter`` starts this file again in a process
-of its own with it set), and on CUDA where there is one (tests/test_gpu.py compiles them too).
+of its own with it set), and on CUDA where there is one (marked gpu: the GPU check runs them;
+tests/test_gpu.py compiles them into packages).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dbrx_aot import moe_kernels  # noqa: E402  (after the skip: it imports trit
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels_run_here = pytest.mark.skipif(not (INTERPRETED or DEVICE == "cuda"),
-                                      reason="runs in test_kernels_in_the_triton_interpreter's process")
+                                      reason="no CUDA device (test_kernels_in_the_triton_interpreter runs them)")
 
 
 @pytest.mark.skipif(INTERPRETED or DEVICE == "cuda", reason="this is that process, or the kernels run on CUDA here")
@@ -51,6 +52,7 @@ def stored(E: int, R: int, C: int, form: str, generator: torch.Generator) -> tup
 SHAPES = [(5, 150, 600, 3, 2), (16, 200, 72, 1, 4)]
 
 
+@pytest.mark.gpu
 @kernels_run_here
 @pytest.mark.parametrize("form", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("E, R, C, N, k", SHAPES)
@@ -98,6 +100,7 @@ def moe_pair(form: str) -> tuple[MoE, MoE]:
     return moe, use_triton_gather(copy.deepcopy(moe))
 
 
+@pytest.mark.gpu
 @kernels_run_here
 @pytest.mark.parametrize("form", ["float32", "bfloat16", "int8"])
 def test_moe_gather_form_on_the_kernels_equals_its_pytorch_form(form):
