@@ -149,13 +149,15 @@ class SliceRun(NamedTuple):
 
 
 def slice_runs(plan) -> list[SliceRun]:
-    """Each slice run: every batch size as stored (the plan's dtype); batch 1 with each of the plan's
-    other MoE kernels (the Triton gather kernels against Inductor's: the batch-1 bandwidth target);
-    batch 1 with int8 weights (issue 10: int8 against bf16 at real width); batch 1 with
+    """Each slice run, in the order they are measured (a deadline cuts the last): the first batch size
+    as stored (the plan's dtype), then with each of the plan's other MoE kernels (the Triton gather
+    kernels against Inductor's: the batch-1 bandwidth target), the other batch sizes, batch 1 with
+    int8 weights (issue 10: int8 against bf16 at real width); batch 1 with
     scaled_dot_product_attention and batch 1 with the prefill experts grouped (issue 13: sdpa
     against the written-out attention, grouped against dense prefill; auto picks dense on CUDA)."""
     B = plan.slice_batches[0]
-    return ([SliceRun(b) for b in plan.slice_batches] + [SliceRun(B, moe_kernel=k) for k in plan.slice_moe_kernels]
+    return ([SliceRun(B)] + [SliceRun(B, moe_kernel=k) for k in plan.slice_moe_kernels]
+            + [SliceRun(b) for b in plan.slice_batches[1:]]
             + [SliceRun(B, weights="int8"), SliceRun(B, attention="sdpa"), SliceRun(B, moe="grouped")])
 
 
