@@ -104,6 +104,9 @@ PLANS = {
 TARGETS = [
     ("slice decode at >= 70% of the measured copy bandwidth (batch 1)",
      ("slice", "batch1", "fraction_of_bandwidth_limit"), 0.70),
+    # The same with the decode graph's experts on the Triton gather kernels: where this one is met and
+    # the one above is not, --moe-kernel auto should pick triton on CUDA.
+    ("the same, --moe-kernel triton (batch 1)", ("slice", "batch1-triton", "fraction_of_bandwidth_limit"), 0.70),
     ("CUDA graphs >= 1.3x faster decode (small preset)", ("bench", "cuda_graphs_speedup"), 1.3),
     ("aoti bf16 decode >= 2x eager bf16 (small preset)", ("bench", "aoti_vs_eager"), 2.0),
 ]

@@ -65,7 +65,7 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     assert one["decode_moe"] == "gather" and 0 < one["fraction_of_bandwidth_limit"] and one["prefill_tokens_per_s"] > 0
     assert one["decode_ms_per_layer"] == one["decode_ms_p50"]  # the CPU slice has 1 layer
     assert one["decode_profile"]["rows"] and "## A slice decode step's kernels" in (out / "summary.md").read_text()
-    assert [t["met"] for t in summary["targets"]] == [None, None, None]  # GPU targets are not judged on CPU
+    assert [t["met"] for t in summary["targets"]] == [None] * 4  # GPU targets are not judged on CPU
     md = (out / "summary.md").read_text()
     assert "CPU dry run" in md and "## Real-width slice: small, 1 layers" in md and "| slice | ok |" in md
     assert "===== slice batch1:" in (out / "log.txt").read_text()
@@ -153,10 +153,12 @@ def test_junit_outcomes(tmp_path):
 def test_targets_are_judged_on_cuda_only(tmp_path):
     check = make_check(tmp_path, device="cuda")
     check.figures = {"bench": {"cuda_graphs_speedup": 1.5, "aoti_vs_eager": 1.9},
-                     "slice": {"batch1": {"fraction_of_bandwidth_limit": 0.72}}}
-    assert [(t["value"], t["met"]) for t in check.summary()["targets"]] == [(0.72, True), (1.5, True), (1.9, False)]
+                     "slice": {"batch1": {"fraction_of_bandwidth_limit": 0.45},
+                               "batch1-triton": {"fraction_of_bandwidth_limit": 0.72}}}
+    assert [(t["value"], t["met"]) for t in check.summary()["targets"]] == [(0.45, False), (0.72, True), (1.5, True),
+                                                                            (1.9, False)]
     check.figures = {}
-    assert [t["met"] for t in check.summary()["targets"]] == [None, None, None]
+    assert [t["met"] for t in check.summary()["targets"]] == [None, None, None, None]
     md = gpu_check.format_summary(check.summary())
     assert "not measured (goal 0.7): no figure" in md
 
