@@ -23,7 +23,8 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                AOTInductor's loader); the benches wait for all but the debugged load
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
                run fails, verify under a debugger, and the graphs with reductions whole
-  slice        the real-width slice at each batch size, and at batch 1 with int8 weights: aoti on
+  slice        the real-width slice at each batch size, and at batch 1 with the Triton gather
+               kernels (CUDA), int8 weights, sdpa and grouped prefill experts (slice_runs): aoti on
                random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
                written or read)
   fresh-process tests
