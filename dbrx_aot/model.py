@@ -337,20 +337,18 @@ class MoE(nn.Module):
         elif mode == "grouped":
             out = self.grouped(h, top_w, top_e)
         else:
-            if self.gather_kernel == "triton":
-                # moe_kernels: the same sums, each chosen row read once in its stored dtype (fp32
-                # accumulation), and the same scales and rounding to dt after each.
-                rowdot, coldot, z = torch.ops.dbrx_aot.gather_rowdot, torch.ops.dbrx_aot.gather_coldot, self.zero_point
-                gate = F_.silu(self.scale(rowdot(h, top_e, self.w1, z).to(dt), "w1", top_e))  # [N, k, F]
-                up = self.scale(rowdot(h, top_e, self.v1, z).to(dt), "v1", top_e)             # [N, k, F]
-                y = self.scale(coldot(gate * up, top_e, self.w2, z).to(dt), "w2", top_e)      # [N, k, D]
-            else:
-                y = self.gathered(h, top_e, dt)                         # [N, k, D]
-            out = (y * top_w[..., None]).sum(1)                         # [N, D]
+            out = (self.gathered(h, top_e, dt) * top_w[..., None]).sum(1)  # [N, D]
         return out.view(B, T, D)
 
     def gathered(self, h, top_e, dt):
-        """The gather form's products in PyTorch: h [N, D], top_e [N, k] -> y [N, k, D] (scaled)."""
+        """The gather form's products: h [N, D], top_e [N, k] -> y [N, k, D] (scaled)."""
+        if self.gather_kernel == "triton":
+            # moe_kernels: the same sums, each chosen row read once in its stored dtype (fp32
+            # accumulation), and the same scales and rounding to dt after each.
+            rowdot, coldot, z = torch.ops.dbrx_aot.gather_rowdot, torch.ops.dbrx_aot.gather_coldot, self.zero_point
+            gate = F_.silu(self.scale(rowdot(h, top_e, self.w1, z).to(dt), "w1", top_e))  # [N, k, F]
+            up = self.scale(rowdot(h, top_e, self.v1, z).to(dt), "v1", top_e)             # [N, k, F]
+            return self.scale(coldot(gate * up, top_e, self.w2, z).to(dt), "w2", top_e)   # [N, k, D]
         (N, D), k = h.shape, top_e.shape[1]
         # Only the chosen experts' rows, gathered by index per token (then upcast). index_select
         # along E, not w[top_e]: ONNX Gather instead of GatherND, which onnxruntime's CPU provider

@@ -185,8 +185,7 @@ def json_reports(out: str) -> list[dict]:
 
 def slice_name(run: SliceRun) -> str:
     """batch{B}, then each option that is not the default: batch1-int8, batch1-triton, ..."""
-    _, weights, *rest = run
-    return f"batch{run.batch}" + "".join(f"-{v}" for v in (weights, *rest) if v not in ("same", "auto"))
+    return f"batch{run.batch}" + "".join(f"-{v}" for v in run[1:] if v not in ("same", "auto"))
 
 
 class Check:
@@ -673,8 +672,8 @@ class Check:
                 failed.append(str(err))
         if self.compile_here:  # both aoti benches after one compile
             self.hand_turn("bench")
-            got, why = (self.bench_here.result() if self.bench_here is not None else  # started at the decision
-                        self.benches_compiled_here("bench aoti", path, [(n, (*o, *lengths)) for n, o in runs[1:]]))
+            got, why = (self.bench_here.result() if self.bench_here is not None  # started at the decision
+                        else self.bench_compiled_here())
             reports.update(got)
             failed += why
         if failed and not default_aoti_ran(reports) and not self.compile_here:

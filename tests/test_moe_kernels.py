@@ -152,9 +152,9 @@ def test_kernels_compile_for_hopper_without_spilling_registers(tmp_path):
                (moe_kernels._coldot, moe_kernels.COLDOT_CONFIGS, {"ZERO": 0},
                 {"a_ptr": "*bf16", **pointers, "part_ptr": "*fp32", "SLOTS": "i32", "ROWS_PER_SPLIT": "i32"})]
     for fn, table, constants, args in kernels:
+        params = list(inspect.signature(fn).parameters)
         for r, c, warps in table:
             constexprs = {**constants, "BLOCK_R": r, "BLOCK_C": c}
-            params = list(inspect.signature(fn).parameters)
             signature = {name: "constexpr" if name in constexprs else args[name] for name in params}
             compiled = triton.compile(ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs),
                                       target=GPUTarget("cuda", HOPPER, 32), options={"num_warps": warps})
