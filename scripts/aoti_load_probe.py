@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 # What a loading process may do first, in a fresh process, before it loads the package.
@@ -152,11 +153,13 @@ def std_library_report(package: Path) -> list[str]:
     return lines
 
 
-def watch_main_thread(every: float) -> threading.Event:
-    """Print the main thread's Python stack every ``every`` s until the returned event is set: where a
-    slow step spends its time. Read under the GIL, so a stack comes late (when the main thread lets go
-    of the GIL) rather than torn: faulthandler's watchdog reads it without the GIL, and under gdb it
-    crashed on a frame an import was building (CI, CPU)."""
+def watch_main_thread(every: float) -> Callable[[], None]:
+    """Print the main thread's Python stack every ``every`` s until the returned function is called:
+    where a slow step spends its time. Read under the GIL, so a stack comes late (when the main thread
+    lets go of the GIL) rather than torn: faulthandler's watchdog reads it without the GIL, and under
+    gdb it crashed on a frame an import was building (CI, CPU). The function also waits for the
+    watcher to end: a watcher still printing while the interpreter shuts down was aborted there
+    ("terminate called without an active exception", SIGABRT after a load that had succeeded; CI, CPU)."""
     main, stop = threading.main_thread().ident, threading.Event()
 
     def loop() -> None:
@@ -165,8 +168,14 @@ def watch_main_thread(every: float) -> threading.Event:
             if frame is not None:
                 print("probe main thread's stack:\n" + "".join(traceback.format_stack(frame)), end="", flush=True)
 
-    threading.Thread(target=loop, daemon=True).start()
-    return stop
+    watcher = threading.Thread(target=loop, daemon=True)
+    watcher.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        watcher.join()
+
+    return stop_watching
 
 
 def load(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float,
@@ -178,7 +187,16 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
     def say(step: str) -> None:
         print(f"probe {time.monotonic() - t0:7.1f} s: {step}", flush=True)
 
-    watching = watch_main_thread(15)
+    stop_watching = watch_main_thread(15)
+    try:
+        load_steps(package, device, warm, reference, interrupt_after, libraries, say)
+    finally:
+        stop_watching()
+
+
+def load_steps(package: Path, device: str, warm: str, reference: Path | None, interrupt_after: float,
+               libraries: bool, say: Callable[[str], None]) -> None:
+    """``load``'s steps, each said as it ends."""
     import torch
 
     from dbrx_aot.runtimes.aoti import open_package
@@ -220,7 +238,6 @@ def load(package: Path, device: str, warm: str, reference: Path | None, interrup
             got = runner(ref["x"].to(device))
         torch.testing.assert_close(got.cpu(), ref["expected"], rtol=1e-4, atol=1e-4)
         say("ran: matches eager")
-    watching.set()
 
 
 def run_cli(argv: list[str], lock: Path | None = None) -> int:
