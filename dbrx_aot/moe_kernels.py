@@ -65,8 +65,11 @@ def coldot_split(slots: int, R: int, C: int) -> tuple[int, int]:
 
 
 if triton is not None:
-    def _rowdot(x_ptr, idx_ptr, w_ptr, out_ptr, R, C, K: tl.constexpr, ZERO: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The shapes are compile-time constants (one model, one compile per shape): fixed trip counts for
+    # the compiler, and loop bounds that Triton's interpreter takes as Python ints (triton 3.6's cannot
+    # turn a runtime scalar into one under numpy 2.4).
+    def _rowdot(x_ptr, idx_ptr, w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+                ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         slot = tl.program_id(0)                                         # n * K + j
         n = slot // K
         e = tl.load(idx_ptr + slot).to(tl.int64)
@@ -82,17 +85,16 @@ if triton is not None:
             acc += (wv.to(tl.float32) - ZERO) * xv[None, :]             # x is 0 where masked
         tl.store(out_ptr + slot * R + rows, tl.sum(acc, axis=1), mask=row_ok)
 
-    def _coldot(a_ptr, idx_ptr, w_ptr, part_ptr, R, C, SLOTS, ROWS_PER_SPLIT, ZERO: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _coldot(a_ptr, idx_ptr, w_ptr, part_ptr, SLOTS, R: tl.constexpr, C: tl.constexpr,
+                ROWS_PER_SPLIT: tl.constexpr, ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         slot = tl.program_id(0)
         split = tl.program_id(2)
         e = tl.load(idx_ptr + slot).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        first = split * ROWS_PER_SPLIT
-        for r0 in range(first, first + ROWS_PER_SPLIT, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
+        for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
+            rows = split * ROWS_PER_SPLIT + r0 + tl.arange(0, BLOCK_R)
             row_ok = rows < R
             av = tl.load(a_ptr + slot * R + rows, mask=row_ok, other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + e * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :],
@@ -108,6 +110,12 @@ if triton is not None:
     else:
         _rowdot_kernel = triton.autotune(_configs(ROWDOT_CONFIGS), key=["R", "C"])(triton.jit(_rowdot))
         _coldot_kernel = triton.autotune(_configs(COLDOT_CONFIGS), key=["R", "C", "SLOTS"])(triton.jit(_coldot))
+
+    def _launchable(kernel):
+        """The kernel as a triton_op launches it: wrapped, so that torch.export and Inductor see it. The
+        interpreter's kernels only ever run eagerly, and are launched as they are (what torch 2.13's
+        wrap_triton does with them; torch 2.11's refuses them)."""
+        return kernel if INTERPRETED else wrap_triton(kernel)
 
     def _fixed(table) -> dict:
         """The block sizes passed at launch: none where the autotuner picks them."""
@@ -126,8 +134,8 @@ if triton is not None:
         (N, k), (_, R, C) = idx.shape, w.shape
         x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
         out = torch.empty(N, k, R, dtype=torch.float32, device=x.device)
-        wrap_triton(_rowdot_kernel)[lambda meta: (N * k, triton.cdiv(R, meta["BLOCK_R"]))](
-            x, idx, w, out, R, C, K=k, ZERO=zero_point, **_fixed(ROWDOT_CONFIGS))
+        _launchable(_rowdot_kernel)[lambda meta: (N * k, triton.cdiv(R, meta["BLOCK_R"]))](
+            x, idx, w, out, R=R, C=C, K=k, ZERO=zero_point, **_fixed(ROWDOT_CONFIGS))
         return out
 
     @triton_op("dbrx_aot::gather_coldot", mutates_args=())
@@ -139,6 +147,6 @@ if triton is not None:
         a, idx, w = a.contiguous(), idx.contiguous(), w.contiguous()
         splits, rows = coldot_split(N * k, R, C)
         part = torch.empty(splits, N, k, C, dtype=torch.float32, device=a.device)
-        wrap_triton(_coldot_kernel)[lambda meta: (N * k, triton.cdiv(C, meta["BLOCK_C"]), splits)](
-            a, idx, w, part, R, C, N * k, rows, ZERO=zero_point, **_fixed(COLDOT_CONFIGS))
+        _launchable(_coldot_kernel)[lambda meta: (N * k, triton.cdiv(C, meta["BLOCK_C"]), splits)](
+            a, idx, w, part, N * k, R=R, C=C, ROWS_PER_SPLIT=rows, ZERO=zero_point, **_fixed(COLDOT_CONFIGS))
         return part.sum(0)

@@ -137,27 +137,35 @@ HOPPER = 90
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the main test process (the interpreter compiles nothing)")
 def test_kernels_compile_for_hopper_without_spilling_registers(tmp_path):
     """Every autotuned configuration of both kernels, as a GPU machine's compile would build it for
-    bf16 weights at DBRX's decode (k = 4): Triton's own compiler and ptxas (in its wheel) make the
-    sm_90 binary without a GPU, and cuobjdump says how many registers each thread uses and that
-    none spill to local memory. A kernel that only the interpreter accepts fails here, on CPU."""
+    bf16 weights at DBRX's decode (k = 4), its tensors 16-byte aligned (Triton specialises a launch on
+    that): Triton's own compiler and ptxas (in its wheel) make the sm_90 binary without a GPU;
+    cuobjdump says how many registers each thread uses and that none spill to local memory; and the
+    PTX reads every weight byte in 16-byte loads (without the alignment, the same kernels read 2 bytes
+    a load). A kernel that only the interpreter accepts fails here, on CPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         pytest.skip(f"this triton {triton.__version__} has no cuobjdump at {cuobjdump}")
-    pointers = {"idx_ptr": "*i64", "w_ptr": "*bf16", "R": "i32", "C": "i32"}
-    kernels = [(moe_kernels._rowdot, moe_kernels.ROWDOT_CONFIGS, {"K": 4, "ZERO": 0},
+    pointers = {"idx_ptr": "*i64", "w_ptr": "*bf16"}
+    shape = {"R": 10752, "C": 6144, "ZERO": 0}  # DBRX's expert [F, D], bf16
+    _, rows_per_split = moe_kernels.coldot_split(4, shape["R"], shape["C"])
+    kernels = [(moe_kernels._rowdot, moe_kernels.ROWDOT_CONFIGS, {**shape, "K": 4},
                 {"x_ptr": "*bf16", **pointers, "out_ptr": "*fp32"}),
-               (moe_kernels._coldot, moe_kernels.COLDOT_CONFIGS, {"ZERO": 0},
-                {"a_ptr": "*bf16", **pointers, "part_ptr": "*fp32", "SLOTS": "i32", "ROWS_PER_SPLIT": "i32"})]
+               (moe_kernels._coldot, moe_kernels.COLDOT_CONFIGS, {**shape, "ROWS_PER_SPLIT": rows_per_split},
+                {"a_ptr": "*bf16", **pointers, "part_ptr": "*fp32", "SLOTS": "i32"})]
     for fn, table, constants, args in kernels:
         params = list(inspect.signature(fn).parameters)
         for r, c, warps in table:
             constexprs = {**constants, "BLOCK_R": r, "BLOCK_C": c}
             signature = {name: "constexpr" if name in constexprs else args[name] for name in params}
-            compiled = triton.compile(ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", HOPPER, 32), options={"num_warps": warps})
+            aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params) if name.endswith("_ptr")}
+            source = ASTSource(fn=triton.jit(fn), signature=signature, constexprs=constexprs, attrs=aligned)
+            compiled = triton.compile(source, target=GPUTarget("cuda", HOPPER, 32), options={"num_warps": warps})
+            # The weight tile's bytes per thread per step, all in 16-byte vector loads (ld.global.v4.b32).
+            wide = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", compiled.asm["ptx"]))
+            assert wide * 16 >= r * c * 2 // (32 * warps), (fn.__name__, r, c, warps, wide)
             cubin = tmp_path / f"{fn.__name__}-{r}-{c}-{warps}.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
             usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True,
