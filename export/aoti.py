@@ -9,11 +9,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch._inductor
+from torch._inductor.cpp_builder import get_cpp_compiler
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from dbrx_aot.model import DbrxModel, use_attention_extents, use_rowdot, use_sdpa, use_triton_gather
@@ -24,6 +31,50 @@ INDUCTOR_CONFIGS = {
 }
 
 log = logging.getLogger("dbrx_aot")
+
+# What a package's .so exports: AOTInductor's C API, every entry point its loaders look up. The
+# rest (hundreds of C++ template instances Inductor's runtime headers make: std::regex's among
+# them, which libtorch and libc10 export too, built by another compiler) binds inside the .so,
+# never to a host library's copy, nor the host's to it.
+C_API_ONLY = "{ global: AOTInductor*; local: *; };\n"
+LINKING_C_API_ONLY = """#!/bin/sh
+# dbrx-aot (export/aoti.py): {compiler}, linking shared libraries that export only AOTInductor's C API
+case " $* " in
+  *" -shared "*) exec {compiler} "$@" -Wl,--version-script={version_script} ;;
+  *) exec {compiler} "$@" ;;
+esac
+"""
+
+
+def c_api_only_compiler() -> str | None:
+    """A C++ compiler for Inductor that is the one it would run (``g++``, or $CXX), save that a shared
+    library it links gets C_API_ONLY as its version script: a script in Inductor's cache directory,
+    at a path fixed by what it runs (so that Inductor's caches keep hitting), named as the compiler
+    is (Inductor tells GCC from Clang by the name). None off Linux (GNU linkers only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    compiler = get_cpp_compiler()
+    real = shutil.which(compiler) or compiler
+    key = "\0".join((real, C_API_ONLY, LINKING_C_API_ONLY)).encode()
+    folder = Path(cache_dir()) / "dbrx-aot-cxx" / hashlib.sha256(key).hexdigest()[:16]
+    version_script, path = folder / "c-api-only.map", folder / Path(compiler).name
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        script = LINKING_C_API_ONLY.format(compiler=shlex.quote(real), version_script=shlex.quote(str(version_script)))
+        for target, text, mode in ((version_script, C_API_ONLY, 0o644), (path, script, 0o755)):
+            # Written whole, then renamed (the script last): a compile beside this one never runs half of it.
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+    return str(path)
+
+
+def inductor_configs() -> dict:
+    """The Inductor configuration every package of an artifact is compiled with."""
+    compiler = c_api_only_compiler()
+    return {**INDUCTOR_CONFIGS, **({"cpp.cxx": (compiler,)} if compiler else {})}
 
 
 @contextlib.contextmanager
@@ -83,5 +134,5 @@ def compile_package(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch_deprecations_hidden(), compile_lock():
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(out),
-                                                        inductor_configs=INDUCTOR_CONFIGS)
+                                                        inductor_configs=inductor_configs())
     return Path(path)

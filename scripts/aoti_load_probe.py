@@ -11,9 +11,10 @@ Why: on the H200 (torch 2.11.0+cu130), every CUDA package of dbrx-aot died of SI
 ``serve``, a bare ``python3 -c "aoti_load_package(...)"`` with or without CUDA initialised first),
 about 45 s after the call, while the process that had compiled it loaded and ran it. ``build``
 compiles a two-layer MLP twice, with the weights in the .so (torch's default) and kept out of it as
-dbrx-aot keeps them (``export.aoti.INDUCTOR_CONFIGS``); ``load`` loads one package in a fresh
-process after an optional warm-up, as dbrx-aot's runtime opens one
-(``DBRX_AOT_AOTI_LOADER=container``: without torch's package loader), prints each step's time, and
+dbrx-aot builds its packages (``export.aoti.inductor_configs``: the weights out of the .so, which
+exports only AOTInductor's C API); ``load`` loads one package in a fresh process after an optional
+warm-up, as dbrx-aot's runtime opens one (``DBRX_AOT_AOTI_LOADER=container``: without torch's
+package loader), prints each step's time, and
 where it has a reference, runs it against eager. Which of these die says whether it is dbrx-aot's
 graphs, its options, the package loader, or AOTInductor on that machine, and which warm-up or loader
 (if any) is a workaround. ``run`` is that workaround applied: a warm-up, then the dbrx-aot CLI in
@@ -40,8 +41,10 @@ from pathlib import Path
 WARM_UPS = ("none", "cuda-tensor", "compile", "aoti-compile", "aoti-compile-load")
 # libstdc++'s symbols that the crash's stack goes through (std::regex in AOTInductorModel's
 # parse_device_str: the locale, its collate facet's id): which loaded library each resolves to.
+# And one std::regex instance that libtorch and libc10 export (built by torch's compiler): whether they are
+# in the global scope, where a .so exporting the same instances binds to theirs.
 STD_SYMBOLS = ("_ZNSt6locale7classicEv", "_ZNSt6localeC1Ev", "_ZNSt7__cxx117collateIcE2idE",
-               "_ZNSt5ctypeIcE2idE")
+               "_ZNSt5ctypeIcE2idE", "_ZNSt8__detail8_ScannerIcE19_M_scan_in_bracketEv")
 
 
 def mlp(device: str):
@@ -67,11 +70,11 @@ def build(out: Path, device: str) -> None:
     weights bound at load), and linear.pt (the input, eager's output and the weights)."""
     import torch
 
-    from dbrx_aot.export.aoti import INDUCTOR_CONFIGS
+    from dbrx_aot.export.aoti import inductor_configs
 
     out.mkdir(parents=True, exist_ok=True)
     compile_mlp(out / "linear-in-so.pt2", device, {})
-    compile_mlp(out / "linear-user-constants.pt2", device, INDUCTOR_CONFIGS)
+    compile_mlp(out / "linear-user-constants.pt2", device, inductor_configs())
     model, x = mlp(device)
     with torch.no_grad():
         expected = model(x)
@@ -146,7 +149,10 @@ def std_library_report(package: Path) -> list[str]:
             dynamic = subprocess.run(["readelf", "-d", so], capture_output=True, text=True).stdout
             needs = ", ".join(re.findall(r"Shared library: \[([^]]+)\]", dynamic))
             unshift = any("_ZNKSt7codecvtIDsc11__mbstate_tE10do_unshift" in sym for sym in symbols)
-            lines.append(f"the package's .so: {len(symbols)} symbols defined, "
+            beyond = [sym.split()[-1] for sym in symbols if not sym.split()[-1].startswith("AOTInductor")]
+            unique = [sym.split()[-1] for sym in symbols if sym.split()[1] == "u"]
+            lines.append(f"the package's .so: {len(symbols)} symbols defined, {len(beyond)} of them beyond "
+                         f"AOTInductor's C API ({len(unique)} GNU-unique: one copy process-wide), "
                          f"{sum('_ZNSt6locale' in sym for sym in symbols)} of std::locale, "
                          f"codecvt<char16_t>::do_unshift {'defined' if unshift else 'not defined'}; needs {needs}"
                          + ("; linked -Bsymbolic" if "SYMBOLIC" in dynamic else ""))

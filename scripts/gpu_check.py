@@ -306,6 +306,7 @@ class Check:
                        device_count=torch.cuda.device_count())
         else:
             env.update(device_name=f"cpu ({platform.processor() or platform.machine()})")
+        env.update(compilers())
         env["debugger"] = debugger()
         if env["debugger"] is not None:  # cuda-gdb on the GPU image is unseen: one that cannot run `true` is not used
             rc, out = self.run("debugger probe", under_debugger(env["debugger"], ["true"]), 60)
@@ -860,6 +861,23 @@ class Check:
                 "figures": self.figures, "targets": targets}
 
 
+def compilers() -> dict[str, str]:
+    """Inductor's C++ compiler (it builds every package's .so) and the one that built torch: the C++
+    the loaded .so and libtorch each bring."""
+    import torch
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        cxx = get_cpp_compiler()
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+        cxx = f"{cxx}: {version.splitlines()[0]}"
+    except Exception as err:  # no compiler found (Inductor's own error type), or one that will not run
+        cxx = f"none usable ({type(err).__name__}: {err})"
+    config = torch.__config__.show()
+    built = ", ".join(re.findall(r"^\s*- ((?:GCC|clang|Clang) [\d.]+|C\+\+ Version: \d+)", config, re.M))
+    return {"cxx": cxx, "torch_built_with": built or "unknown"}
+
+
 class StageFailed(Exception):
     pass
 
@@ -1031,6 +1049,8 @@ def format_summary(s: dict) -> str:
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}, "
              f"{env.get('cpu_count')} CPUs; whole run {s['wall_s']:.0f} s"
              + ("" if s["device"] == "cuda" else " (CPU dry run at tiny sizes: figures are not GPU figures)"), ""]
+    if "cxx" in env:
+        lines += [f"C++: packages compiled by {env['cxx']}; torch built with {env.get('torch_built_with')}", ""]
     if env.get("missing_imports"):
         lines += [f"Missing imports: {', '.join(env['missing_imports'])}", ""]
     lines += ["## Stages", "", "| stage | result | s | detail |", "| --- | --- | --- | --- |"]

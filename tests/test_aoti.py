@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -125,6 +128,20 @@ def test_weights_are_shared_not_copied(artifacts):
     with torch.no_grad():
         rt.weights["lm_head.weight"].div_(2)
     torch.testing.assert_close(after, 2 * before, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the version script is for GNU linkers (Linux)")
+def test_packages_export_only_aotinductors_c_api(artifacts, tmp_path):
+    """Each package's .so exports AOTInductor's C API and nothing else (export.aoti.C_API_ONLY):
+    without it, a decode package's .so exports some 390 C++ template instances, std::regex's among
+    them, which libtorch and libc10 export too, built by another compiler."""
+    for graph in ("prefill", "decode"):
+        with zipfile.ZipFile(artifacts["auto"] / "aoti" / f"{graph}.pt2") as package:
+            (so,) = [package.extract(n, tmp_path / graph) for n in package.namelist() if n.endswith(".so")]
+        listed = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True)
+        exported = [line.split()[-1] for line in listed.stdout.splitlines()]
+        assert "AOTInductorModelContainerCreateWithDevice" in exported and "AOTInductorModelContainerRun" in exported
+        assert [name for name in exported if not name.startswith("AOTInductor")] == [], graph
 
 
 def test_packages_opened_without_torchs_package_loader_give_the_same_logits(artifacts, monkeypatch):

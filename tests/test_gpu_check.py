@@ -56,7 +56,9 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
         assert probe[f"decode.pt2 under {Path(summary['environment']['debugger']).name}"].startswith("passed")
     libraries = summary["figures"]["libstdcxx"]
     assert len(libraries) == len(load_probe.STD_SYMBOLS) + 2 and "the package's .so: " in libraries[-1], libraries
+    assert " 0 of them beyond AOTInductor's C API (0 GNU-unique" in libraries[-1], libraries[-1]  # export.aoti
     assert "libstdc++ in the process that loads decode.pt2" in (out / "summary.md").read_text()
+    assert re.search(r"^C\+\+: packages compiled by .+; torch built with GCC", (out / "summary.md").read_text(), re.M)
     assert "## Load probe" in (out / "summary.md").read_text()
     bench = summary["figures"]["bench"]
     assert set(bench["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
