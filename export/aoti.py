@@ -56,7 +56,7 @@ def c_api_only_compiler() -> str | None:
     compiler = get_cpp_compiler()
     real = shutil.which(compiler) or compiler
     key = "\0".join((real, C_API_ONLY, LINKING_C_API_ONLY)).encode()
-    folder = Path(cache_dir()) / "dbrx-aot-cxx" / hashlib.sha256(key).hexdigest()[:16]
+    folder = Path(cache_dir()).resolve() / "dbrx-aot-cxx" / hashlib.sha256(key).hexdigest()[:16]
     version_script, path = folder / "c-api-only.map", folder / Path(compiler).name
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
