@@ -11,8 +11,7 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                build/wheels first (``make gpu-wheels``); skipped when already installed from here
   imports      what is missing, in one line
   exports      started in the background so that they compile while the tests run: the small
-               preset's artifact (checkpoint + export; on CUDA also its graphs compiled with
-               Inductor's reductions whole, for the diagnosis), and compile-only real-width
+               preset's artifact (checkpoint + export), and compile-only real-width
                slices (on CUDA as many at once as their weights fit in the GPU's memory)
   tests        pytest -m "gpu and not fresh_process" (outcomes read from its JUnit XML): the tests
                that load a package in the process that compiled it
@@ -22,7 +21,7 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                (on the H200 every fresh load of a dbrx-aot CUDA package died of SIGSEGV inside
                AOTInductor's loader); the benches wait for all but the debugged load
   bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
-               run fails, verify under a debugger, and the graphs with reductions whole
+               run fails, verify under a debugger
   slice        the real-width slice at each batch size, and at batch 1 with the Triton gather
                kernels (CUDA), int8 weights, sdpa and grouped prefill experts (slice_runs): aoti on
                random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
@@ -138,10 +137,6 @@ LOAD_WORKAROUNDS = (
 # GPU tests that pass compile and load theirs), then measures there. One compile per artifact.
 COMPILE_HERE = "the artifact compiled again in the CLI's own process"
 
-# Inductor's configuration variables that keep every reduction whole in one kernel (see
-# Check.bench_whole_reductions): read when torch._inductor.config is first imported.
-WHOLE_REDUCTIONS = ("TORCHINDUCTOR_SPLIT_REDUCTIONS=0", "TORCHINDUCTOR_ONLINE_SOFTMAX=0")
-
 
 class SliceRun(NamedTuple):
     """How one slice is exported: its export options (``auto``: the default)."""
@@ -166,8 +161,7 @@ def slice_runs(plan) -> list[SliceRun]:
 
 
 def default_aoti_ran(runs: dict) -> bool:
-    """Whether one of the small preset's aoti benches on its default graphs (CUDA graphs on or off)
-    ran; the graphs with reductions whole (``aoti_reductions_whole``) are a diagnosis, not one."""
+    """Whether one of the small preset's aoti benches (CUDA graphs on or off) ran."""
     return bool({"aoti", "aoti_no_cuda_graphs"} & set(runs))
 
 
@@ -372,11 +366,6 @@ class Check:
                 self.cli("random-checkpoint", str(w / "bench-ckpt"), "--preset", p.bench_preset, "--dtype", p.dtype,
                          "--force"),
                 self.cli("export", str(w / "bench-ckpt"), "-o", str(w / "bench-art"), *graphs)])
-            if dev == "cuda" and "bench" in self.stages_chosen:
-                # The same graphs with Inductor's reductions whole, for the diagnosis (bench_stage).
-                export = self.cli("export", "--preset", p.bench_preset, "--skip-weights", "-o", str(w / "bench-art-whole"),
-                                  *graphs)
-                jobs["bench artifact, reductions whole"] = (w / "bench-art-whole", [["env", *WHOLE_REDUCTIONS, *export]])
         if "slice" in self.stages_chosen:
             S, P = p.slice_shapes
             for run in slice_runs(p):
@@ -678,13 +667,8 @@ class Check:
             reports.update(got)
             failed += why
         if failed and not default_aoti_ran(reports) and not self.compile_here:
-            # The first H200 run's aoti benches died unexplained. Whether the graphs with reductions
-            # whole run (first: where they run they name a workaround, and the deadline may cut what
-            # comes last); then where it breaks: verify runs the package on 8 decode steps beside
-            # eager, with the input checks and a debugger's native stack.
-            whole = self.work / "bench-art-whole"
-            if (whole / "manifest.json").is_file():
-                failed.append(self.bench_whole_reductions(whole, lengths, reports))
+            # Where it breaks: verify runs the package on 8 decode steps beside eager, with the input
+            # checks and a debugger's native stack.
             failed.append("verify aoti: " + self.diagnose("verify aoti (the aoti benches failed)", self.cli(
                 "verify", str(path), "--runtime", "aoti", "--device", self.device, "--steps", "8")))
         runs = {name: r["results"][name.split("_")[0]] for name, r in reports.items()}
@@ -701,24 +685,6 @@ class Check:
         return (f"decode tok/s: eager {tok['eager']:.1f}, aoti {tok['aoti']:.1f} (CUDA graphs "
                 f"{'on' if runs['aoti']['cuda_graphs'] else 'off'}), aoti without graphs {tok['aoti_no_cuda_graphs']:.1f}; "
                 f"aoti/eager {fig['aoti_vs_eager']:.2f}x, graphs {fig['cuda_graphs_speedup']:.2f}x")
-
-    def bench_whole_reductions(self, path: Path, lengths: tuple[str, ...], reports: dict) -> str:
-        """The aoti bench on the graphs compiled with Inductor's reductions whole (no split reductions,
-        no online softmax), on random weights made on the device: one line, whether they ran. Why:
-        only the larger graphs of the first H200 run printed Inductor's "online softmax is disabled
-        ... split the reduction", and torch issue 174608 is an illegal memory access in such a
-        kernel. Where these run and the default graphs do not, the split reductions are the likely
-        cause (the other difference, random weights, did not save the first run's slices) and these
-        variables at export the workaround."""
-        what = f"aoti with reductions whole ({' '.join(WHOLE_REDUCTIONS)} at export)"
-        try:
-            report = self.bench("bench aoti, reductions whole", path, "--runtime", "aoti", "--random-weights", "0",
-                                "--no-cuda-graphs", *lengths)
-        except StageFailed as err:
-            return f"{what}: failed too ({err})"
-        reports["aoti_reductions_whole"] = report
-        tok = report["results"]["aoti"]["decode_tokens_per_s"]
-        return f"{what}: ran, decode {tok:.1f} tok/s (the split reductions are the likely cause)"
 
     def hand_turn(self, name: str) -> None:
         """Let ``name``'s COMPILE_HERE process measure (it waits for its turn's lock file)."""

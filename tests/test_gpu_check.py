@@ -170,19 +170,15 @@ def test_export_jobs_build_what_the_benches_read(tmp_path, device):
     check = make_check(tmp_path, device)
     jobs = check.export_jobs()
     plan = gpu_check.PLANS[device]
-    whole = ["bench artifact, reductions whole"] if device == "cuda" else []  # for the CUDA diagnosis only
     kernels = ["triton"] if device == "cuda" else []  # the Triton gather kernels compile for CUDA only
     B = plan.slice_batches[0]
-    assert list(jobs) == (["bench artifact"] + whole + [f"slice batch{B}"] + [f"slice batch{B}-{k}" for k in kernels]
+    assert list(jobs) == (["bench artifact", f"slice batch{B}"] + [f"slice batch{B}-{k}" for k in kernels]
                           + [f"slice batch{b}" for b in plan.slice_batches[1:]]
                           + [f"slice batch{B}-{v}" for v in ("int8", "sdpa", "grouped")])
     flat = [" ".join(cmd) for _, cmds in jobs.values() for cmd in cmds]
     assert [c for c in flat if "--moe-kernel triton" in c] == [c for c in flat if "slice-batch1-triton " in c]
     assert len([c for c in flat if "--moe-kernel triton" in c]) == len(kernels)
     assert all("--device " + device in c for c in flat if " export " in c)
-    assert [c.startswith("env TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_ONLINE_SOFTMAX=0 ") for c in flat] == \
-        [c.endswith("bench-art-whole --format aoti --device cuda --dtype bfloat16 --max-seq-len 512 "
-                    "--prefill-chunk 64 --force") for c in flat]
     assert any(f"--preset {plan.slice_preset} --layers {plan.slice_layers} --skip-weights" in c for c in flat)
 
 
@@ -252,36 +248,8 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
     assert [c[c.index("verify"):] for c in commands] == [
         ["verify", str(check.work / "bench-art"), "--runtime", "aoti", "--device", "cuda", "--steps", "8"]]
     assert check.stages[0]["detail"].endswith("died of SIGSEGV; verify aoti: passed")
-    # With the graphs compiled with Inductor's reductions whole there (the CUDA exports make them),
-    # they are benched too: whether they run says whether the split reductions are the likely cause.
-    whole = check.work / "bench-art-whole"
-    whole.mkdir()
-    (whole / "manifest.json").write_text("{}")
-    run = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 80.0, "decode_ms_p50": 12.5, "decode_ms_p90": 13.0,
-           "fraction_of_bandwidth_limit": 0.05, "cuda_graphs": False}
-    for whole_runs, said in ((False, "failed too (bench aoti, reductions whole: exit 2: error: the aoti runtime: its "
-                                     "process died of SIGSEGV)"),
-                             (True, "ran, decode 80.0 tok/s (the split reductions are the likely cause)")):
-        benched = []
-
-        def fake_bench_whole(label, path, *options):
-            benched.append((label, path, options))
-            assert len(commands) == runs_before  # before verify: the deadline may cut what comes last
-            if whole_runs and path == whole:
-                return {"copy_bandwidth_gb_s": 3000.0, "results": {"aoti": run}}
-            return fake_bench(label, path, *options)
-
-        check.stages, check.bench, runs_before = [], fake_bench_whole, len(commands)
-        check.stage("bench", check.bench_stage)
-        assert len(commands) == runs_before + 1
-        assert benched[-1][:2] == ("bench aoti, reductions whole", whole)
-        assert {"--random-weights", "--no-cuda-graphs"} <= set(benched[-1][2])
-        assert check.stages[0]["detail"].endswith(
-            "; aoti with reductions whole (TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_ONLINE_SOFTMAX=0 at export): "
-            + said + "; verify aoti: passed")
-        assert ("aoti_reductions_whole" in check.figures["bench"]["runs"]) == whole_runs
-    # Then the slices (compiled as the default graphs): the first is tried (with and without CUDA
-    # graphs); when it fails too, the others are not run, leaving the device minutes for a rerun.
+    # Then the slices: the first is tried (with and without CUDA graphs); when it fails too, the
+    # others are not run, leaving the device minutes for a rerun.
     benched = []
     check.bench = lambda label, path, *options: benched.append(label) or fake_bench(label, path, *options)
     check.stage("slice", check.slice_stage)
