@@ -454,8 +454,13 @@ class Check:
             outcomes["decode.pt2"] = f"not run (the bench artifact: {why})"
         else:
             load = probe + ["load", str(decode), "--device", dev]
-            # With the loader's own log lines (extraction, with times).
-            variants["decode.pt2"] = (load + ["--libraries"], {"TORCH_CPP_LOG_LEVEL": "INFO"})
+            # With the loader's own log lines (extraction, with times), and the dynamic linker's log of
+            # what each symbol the .so uses was bound to (so_bindings; one file per process).
+            bindings = self.work / "ld-bindings"
+            shutil.rmtree(bindings, ignore_errors=True)
+            bindings.mkdir(parents=True)
+            variants["decode.pt2"] = (load + ["--libraries"], {"TORCH_CPP_LOG_LEVEL": "INFO", "LD_DEBUG": "bindings",
+                                                               "LD_DEBUG_OUTPUT": str(bindings / "load")})
             for name, warm, env in LOAD_WORKAROUNDS:
                 variants[name] = (load + ["--warm", warm], env)
             tool = self.environment.get("debugger")
@@ -470,7 +475,7 @@ class Check:
             if " under " in name:
                 return debugged_probe(out, rc)
             if name == "decode.pt2":
-                self.figures["libstdcxx"] = libstdcxx_report(out)
+                self.figures["libstdcxx"] = libstdcxx_report(out) + so_bindings(self.work / "ld-bindings")
             return probe_outcome(out, rc, time.monotonic() - started)
 
         # The load under the debugger is waited for last (debugged_load_stage): it may take minutes,
@@ -934,6 +939,57 @@ def libstdcxx_report(out: str) -> list[str]:
     return re.findall(r"^probe +[\d.]+ s: libstdc\+\+: (.*)$", out, re.M)
 
 
+# A line of the dynamic linker's LD_DEBUG=bindings log: who, to which library, which symbol.
+LD_BINDING = re.compile(r"binding file (\S+) \[\d+\] to (\S+) \[\d+\]: \w+ symbol `([^']+)'")
+# Mangled names of the C++ standard library's symbols (std::, and statics inside its functions).
+STD_MANGLED = ("_ZNSt", "_ZNKSt", "_ZSt", "_ZZNSt", "_ZZNKSt", "_ZGVZNSt", "_ZGVZNKSt", "_ZNSo", "_ZNSi")
+
+
+def so_bindings(folder: Path) -> list[str]:
+    """What the dynamic linker bound the package's .so's symbols to, outside the .so, from the
+    LD_DEBUG=bindings logs in ``folder`` (one per process: the loading one, and its device check's
+    pythons), then removed (some 200 MB): how many bindings went to which library; which of the C++
+    standard library's symbols went elsewhere than libstdc++ (a .so running another library's copy
+    of std::regex); and its last bindings, the code it reached last (where a crash ended the log)."""
+    targets: dict[str, int] = {}
+    foreign: set[tuple[str, str]] = set()
+    last: list[tuple[str, str]] = []
+    for log in sorted(folder.glob("*")):
+        with open(log, errors="replace") as f:
+            for line in f:
+                m = LD_BINDING.search(line) if ".wrapper.so [" in line else None
+                if m is None or not m.group(1).endswith(".wrapper.so") or m.group(2) == m.group(1):
+                    continue  # not the .so's, or bound to itself (its own code; the loader's dlsym of its C API)
+                target, symbol = Path(m.group(2)).name, m.group(3)
+                targets[target] = targets.get(target, 0) + 1
+                if symbol.startswith(STD_MANGLED) and not target.startswith("libstdc++"):
+                    foreign.add((symbol, target))
+                last = (last + [(symbol, target)])[-3:]
+    shutil.rmtree(folder, ignore_errors=True)
+    if not targets:
+        return ["the .so's bindings outside it (LD_DEBUG): none logged"]
+
+    def readable(bound: list[tuple[str, str]]) -> list[str]:
+        names = [symbol for symbol, _ in bound]
+        try:  # binutils' demangler, where there is one
+            out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, timeout=30)
+            names = out.stdout.splitlines() if len(out.stdout.splitlines()) == len(names) else names
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return [f"{name if len(name) <= 90 else name[:87] + '...'} -> {target}" for name, (_, target) in zip(names, bound)]
+
+    by_count = sorted(targets.items(), key=lambda kv: -kv[1])
+    # std::regex's first: the crash was in it (std::string's members are libstdc++'s extern templates).
+    shown = sorted(foreign, key=lambda st: ("regex" not in st[0] and "_Executor" not in st[0], st))[:6]
+    return [f"the .so's bindings outside it (LD_DEBUG): {sum(targets.values())}: "
+            + ", ".join(f"{lib} {n}" for lib, n in by_count[:8]),
+            f"its C++ standard library symbols bound elsewhere than libstdc++: {len(foreign)}"
+            + (" (" + ", ".join(f"{lib} {n}" for lib, n in sorted(
+                {t: sum(1 for _, u in foreign if u == t) for _, t in foreign}.items())) + "): "
+               + "; ".join(readable(shown)) if foreign else ""),
+            "its last bindings: " + "; ".join(readable(last))]
+
+
 def debugged_probe(out: str, rc: int) -> str:
     """A load probe under the debugger: where each stop was (the probe's own SIGTRAP, a crash), and
     how it ended."""
@@ -1075,8 +1131,9 @@ def format_summary(s: dict) -> str:
                   "| package, how | outcome |", "| --- | --- |"]
         lines += [f"| {name} | {line} |" for name, line in fig["load_probe"].items()]
     if fig.get("libstdcxx"):
-        lines += ["", "libstdc++ in the process that loads decode.pt2, before the load (symbol: the library it "
-                      "resolves to):", ""] + [f"- {line}" for line in fig["libstdcxx"]]
+        lines += ["", "libstdc++ in the process that loads decode.pt2 (before the load, symbol: the library it "
+                      "resolves to; then what the dynamic linker bound the .so to):", ""] + [
+                      f"- {line}" for line in fig["libstdcxx"]]
     if "in_process" in fig:
         lines += ["", f"Note: {fig['in_process']}."]
     if "workaround" in fig:
