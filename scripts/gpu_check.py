@@ -41,6 +41,7 @@ the whole run: each stage gets what is left, so the summary is written even when
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -951,7 +952,7 @@ def so_bindings(folder: Path) -> list[str]:
     pythons), then removed (some 200 MB): how many bindings went to which library; which of the C++
     standard library's symbols went elsewhere than libstdc++ (a .so running another library's copy
     of std::regex); and its last bindings, the code it reached last (where a crash ended the log)."""
-    targets: dict[str, int] = {}
+    targets: collections.Counter[str] = collections.Counter()
     foreign: set[tuple[str, str]] = set()
     last: list[tuple[str, str]] = []
     for log in sorted(folder.glob("*")):
@@ -961,7 +962,7 @@ def so_bindings(folder: Path) -> list[str]:
                 if m is None or not m.group(1).endswith(".wrapper.so") or m.group(2) == m.group(1):
                     continue  # not the .so's, or bound to itself (its own code; the loader's dlsym of its C API)
                 target, symbol = Path(m.group(2)).name, m.group(3)
-                targets[target] = targets.get(target, 0) + 1
+                targets[target] += 1
                 if symbol.startswith(STD_MANGLED) and not target.startswith("libstdc++"):
                     foreign.add((symbol, target))
                 last = (last + [(symbol, target)])[-3:]
@@ -978,15 +979,15 @@ def so_bindings(folder: Path) -> list[str]:
             pass
         return [f"{name if len(name) <= 90 else name[:87] + '...'} -> {target}" for name, (_, target) in zip(names, bound)]
 
-    by_count = sorted(targets.items(), key=lambda kv: -kv[1])
+    def counted(counts: collections.Counter[str]) -> str:
+        return ", ".join(f"{lib} {n}" for lib, n in counts.most_common(8))
+
     # std::regex's first: the crash was in it (std::string's members are libstdc++'s extern templates).
     shown = sorted(foreign, key=lambda st: ("regex" not in st[0] and "_Executor" not in st[0], st))[:6]
-    return [f"the .so's bindings outside it (LD_DEBUG): {sum(targets.values())}: "
-            + ", ".join(f"{lib} {n}" for lib, n in by_count[:8]),
+    elsewhere = collections.Counter(sorted(target for _, target in foreign))  # ties alphabetical
+    return [f"the .so's bindings outside it (LD_DEBUG): {targets.total()}: {counted(targets)}",
             f"its C++ standard library symbols bound elsewhere than libstdc++: {len(foreign)}"
-            + (" (" + ", ".join(f"{lib} {n}" for lib, n in sorted(
-                {t: sum(1 for _, u in foreign if u == t) for _, t in foreign}.items())) + "): "
-               + "; ".join(readable(shown)) if foreign else ""),
+            + (f" ({counted(elsewhere)}): " + "; ".join(readable(shown)) if foreign else ""),
             "its last bindings: " + "; ".join(readable(last))]
 
 

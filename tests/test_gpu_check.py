@@ -378,6 +378,39 @@ def test_the_load_probe_says_how_each_load_ended_and_where_it_stopped():
     assert gpu_check.under_debugger("gdb", ["x"], stops=2)[-6:] == ["-ex", "continue", "-ex", "bt 30", "--args", "x"]
 
 
+def test_the_ld_debug_log_says_which_of_other_libraries_symbols_the_so_ran(tmp_path):
+    """so_bindings over LD_DEBUG=bindings logs (one per process): the .so's bindings outside itself per
+    library, the C++ standard library's that went elsewhere than libstdc++ (std::regex's first), and
+    the last ones; lines of other objects and the .so's bindings to itself are not its; the log is
+    removed once read."""
+    so = "/tmp/x/model/abc.wrapper.so"
+
+    def bound(target: str, symbol: str, who: str = so) -> str:
+        return f"     7:\tbinding file {who} [0] to {target} [0]: normal symbol `{symbol}' [GLIBCXX_3.4]\n"
+
+    logs = tmp_path / "ld-bindings"
+    logs.mkdir()
+    (logs / "load.7").write_text(
+        bound(so, "_ZTSSt11_Mutex_baseILN9__gnu_cxx12_Lock_policyE2EE")  # its own
+        + bound("/usr/lib/libstdc++.so.6", "_ZNSt6localeC1Ev")
+        + bound("/v/torch/lib/libtorch_cpu.so", "_ZNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEE10_M_disposeEv")
+        + bound("/v/torch/lib/libtorch_python.so",
+                "_ZZNKSt7__cxx1112regex_traitsIcE16lookup_classnameIPKcEENS1_10_RegexMaskET_S6_bE12__classnames")
+        + bound("/usr/lib/libc.so.6", "malloc", who="/v/torch/lib/libtorch_cpu.so")  # not the .so's
+        + bound("/usr/lib/libc.so.6", "pthread_rwlock_wrlock"))
+    (logs / "load.8").write_text(bound("/usr/lib/libc.so.6", "free", who="/usr/bin/python3"))  # a device check's
+    counts, elsewhere, last = gpu_check.so_bindings(logs)
+    assert counts == ("the .so's bindings outside it (LD_DEBUG): 4: libstdc++.so.6 1, libtorch_cpu.so 1, "
+                      "libtorch_python.so 1, libc.so.6 1")
+    assert elsewhere.startswith("its C++ standard library symbols bound elsewhere than libstdc++: 2 "
+                                "(libtorch_cpu.so 1, libtorch_python.so 1): "), elsewhere
+    assert "regex_traits" in elsewhere and elsewhere.index("-> libtorch_python.so") < elsewhere.index("basic_string")
+    assert last.startswith("its last bindings: ") and last.endswith("; pthread_rwlock_wrlock -> libc.so.6"), last
+    assert not logs.exists()
+    logs.mkdir()
+    assert gpu_check.so_bindings(logs) == ["the .so's bindings outside it (LD_DEBUG): none logged"]
+
+
 def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_way_that_let_one(tmp_path):
     """The H200 runs: every fresh load of a CUDA package died in AOTInductor's loader. Where the load
     probe finds a way that loads (a warm-up, an environment), the benches and the diagnosis go
