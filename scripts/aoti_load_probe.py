@@ -15,12 +15,12 @@ dbrx-aot builds its packages (``export.aoti.inductor_configs``: the weights out 
 exports only AOTInductor's C API); ``load`` loads one package in a fresh process after an optional
 warm-up, as dbrx-aot's runtime opens one (``DBRX_AOT_AOTI_LOADER=container``: without torch's
 package loader), prints each step's time, and where it has a reference, runs it against eager.
-Which of these die says whether it is dbrx-aot's
-graphs, its options, the package loader, or AOTInductor on that machine, and which warm-up or loader
-(if any) is a workaround. ``run`` is that workaround applied: a warm-up, then the dbrx-aot CLI in
-the same process, one command or several in a row (the GPU check measures with it where a plain
-fresh process cannot load a package: after the warm-up that let one, or, where none did, after
-compiling the artifact again in that process, as the GPU tests that pass compile and load theirs).
+Which of these die says whether it is dbrx-aot's graphs, its options, the package loader, or
+AOTInductor on that machine, and which warm-up or loader (if any) is a workaround. ``run`` is that
+workaround applied: a warm-up, then the dbrx-aot CLI in the same process, one command or several in
+a row (the GPU check measures with it where a plain fresh process cannot load a package: after the
+warm-up that let one, or, where none did, after compiling the artifact again in that process, as the
+GPU tests that pass compile and load theirs).
 """
 
 from __future__ import annotations
