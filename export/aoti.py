@@ -37,10 +37,17 @@ log = logging.getLogger("dbrx_aot")
 # them, which libtorch and libc10 export too, built by another compiler) binds inside the .so,
 # never to a host library's copy, nor the host's to it.
 C_API_ONLY = "{ global: AOTInductor*; local: *; };\n"
+# And the C++ runtime it runs: the compiler's own libstdc++, linked in (and kept local by the version
+# script), so the .so's inline std:: code (std::regex, use_facet) runs on the library its headers
+# describe, whatever libstdc++ copies the process's libraries bring. Its imports are then C only
+# (libtorch's C shim, libc, libgcc_s). Where that link fails (no libstdc++.a), it links dynamically.
 LINKING_C_API_ONLY = """#!/bin/sh
 # dbrx-aot (export/aoti.py): {compiler}, linking shared libraries that export only AOTInductor's C API
 case " $* " in
-  *" -shared "*) exec {compiler} "$@" -Wl,--version-script={version_script} ;;
+  *" -shared "*)
+    {compiler} "$@" -static-libstdc++ -Wl,--version-script={version_script} && exit 0
+    echo "dbrx-aot: linking libstdc++ statically failed; linking it dynamically" >&2
+    exec {compiler} "$@" -Wl,--version-script={version_script} ;;
   *) exec {compiler} "$@" ;;
 esac
 """
@@ -48,9 +55,10 @@ esac
 
 def c_api_only_compiler() -> str | None:
     """A C++ compiler for Inductor that is the one it would run (``g++``, or $CXX), save that a shared
-    library it links gets C_API_ONLY as its version script: a script in Inductor's cache directory,
-    at a path fixed by what it runs (so that Inductor's caches keep hitting), named as the compiler
-    is (Inductor tells GCC from Clang by the name). None off Linux (GNU linkers only)."""
+    library it links gets C_API_ONLY as its version script and libstdc++ linked in: a script in
+    Inductor's cache directory, at a path fixed by what it runs (so that Inductor's caches keep
+    hitting), named as the compiler is (Inductor tells GCC from Clang by the name). None off Linux
+    (GNU linkers only)."""
     if not sys.platform.startswith("linux"):
         return None
     compiler = get_cpp_compiler()

@@ -132,8 +132,8 @@ def std_library_report(package: Path) -> list[str]:
         dladdr(address, ctypes.byref(info))
         lines.append(f"{symbol}: {(info.fname or b'?').decode()}")
 
-    def nm(path: str) -> list[str]:
-        out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True)
+    def nm(path: str, which: str = "--defined-only") -> list[str]:
+        out = subprocess.run(["nm", "-D", which, path], capture_output=True, text=True)
         return out.stdout.splitlines()
 
     with open(f"/proc/{os.getpid()}/maps") as maps:
@@ -151,10 +151,13 @@ def std_library_report(package: Path) -> list[str]:
             unshift = any("_ZNKSt7codecvtIDsc11__mbstate_tE10do_unshift" in sym for sym in symbols)
             beyond = [sym.split()[-1] for sym in symbols if not sym.split()[-1].startswith("AOTInductor")]
             unique = [sym.split()[-1] for sym in symbols if sym.split()[1] == "u"]
+            cxx = [sym for sym in nm(so, "--undefined-only") if sym.split()[0] == "U"
+                   and re.search(r"U _Z|@GLIBCXX|@CXXABI", sym)]
             lines.append(f"the package's .so: {len(symbols)} symbols defined, {len(beyond)} of them beyond "
                          f"AOTInductor's C API ({len(unique)} GNU-unique: one copy process-wide), "
                          f"{sum('_ZNSt6locale' in sym for sym in symbols)} of std::locale, "
-                         f"codecvt<char16_t>::do_unshift {'defined' if unshift else 'not defined'}; needs {needs}"
+                         f"codecvt<char16_t>::do_unshift {'defined' if unshift else 'not defined'}; "
+                         f"{len(cxx)} C++ symbols imported; needs {needs}"
                          + ("; linked -Bsymbolic" if "SYMBOLIC" in dynamic else ""))
     return lines
 

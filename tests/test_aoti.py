@@ -134,7 +134,9 @@ def test_weights_are_shared_not_copied(artifacts):
 def test_packages_export_only_aotinductors_c_api(artifacts, tmp_path):
     """Each package's .so exports AOTInductor's C API and nothing else (export.aoti.C_API_ONLY):
     without it, a decode package's .so exports some 390 C++ template instances, std::regex's among
-    them, which libtorch and libc10 export too, built by another compiler."""
+    them, which libtorch and libc10 export too, built by another compiler. And it imports no C++:
+    its libstdc++ is linked in, so it needs no libstdc++.so and binds no std:: symbol to the
+    process's (without that, a decode .so imports some 90, std::locale's and use_facet's among them)."""
     for graph in ("prefill", "decode"):
         with zipfile.ZipFile(artifacts["auto"] / "aoti" / f"{graph}.pt2") as package:
             (so,) = [package.extract(n, tmp_path / graph) for n in package.namelist() if n.endswith(".so")]
@@ -142,6 +144,13 @@ def test_packages_export_only_aotinductors_c_api(artifacts, tmp_path):
         exported = [line.split()[-1] for line in listed.stdout.splitlines()]
         assert "AOTInductorModelContainerCreateWithDevice" in exported and "AOTInductorModelContainerRun" in exported
         assert [name for name in exported if not name.startswith("AOTInductor")] == [], graph
+        listed = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True, check=True)
+        imported = [line.split() for line in listed.stdout.splitlines()]
+        cxx = [name for kind, name in imported if kind == "U" and (name.startswith("_Z") or "@GLIBCXX" in name
+                                                                   or "@CXXABI" in name)]
+        assert cxx == [], (graph, cxx[:5])
+        needed = subprocess.run(["readelf", "-d", so], capture_output=True, text=True, check=True).stdout
+        assert "libtorch" in needed and "libstdc++" not in needed, graph
 
 
 def test_packages_opened_without_torchs_package_loader_give_the_same_logits(artifacts, monkeypatch):

@@ -56,10 +56,12 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
         assert probe[f"decode.pt2 under {Path(summary['environment']['debugger']).name}"].startswith("passed")
     libraries = summary["figures"]["libstdcxx"]
     assert len(libraries) == len(load_probe.STD_SYMBOLS) + 5 and "the package's .so: " in libraries[-4], libraries
-    assert " 0 of them beyond AOTInductor's C API (0 GNU-unique" in libraries[-4], libraries[-4]  # export.aoti
-    # The dynamic linker's bindings of the .so (LD_DEBUG): to libstdc++, torch, libc; none of std::regex's outside it.
+    # export.aoti: the .so exports the C API alone, and its libstdc++ is linked in (no C++ imported).
+    assert " 0 of them beyond AOTInductor's C API (0 GNU-unique" in libraries[-4], libraries[-4]
+    assert "; 0 C++ symbols imported; needs " in libraries[-4] and "libstdc++" not in libraries[-4], libraries[-4]
+    # The dynamic linker's bindings of the .so (LD_DEBUG): to torch's C shim, libc; none of std::regex's outside it.
     bindings, std_elsewhere, last = libraries[-3:]
-    assert re.match(r"the \.so's bindings outside it \(LD_DEBUG\): \d+: .*libstdc\+\+\.so\.6 \d+", bindings), bindings
+    assert re.match(r"the \.so's bindings outside it \(LD_DEBUG\): \d+: .*libtorch_cpu\.so \d+", bindings), bindings
     assert std_elsewhere.startswith("its C++ standard library symbols bound elsewhere than libstdc++: ")
     assert "regex" not in std_elsewhere and last.startswith("its last bindings: "), (std_elsewhere, last)
     assert not (gpu_check_dry_run.work / "ld-bindings").exists()  # 200 MB of log, read and removed
