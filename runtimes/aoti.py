@@ -18,7 +18,10 @@ crashes loading a CUDA package (README, GPU check).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import platform
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,6 +38,7 @@ from dbrx_aot.runtimes.artifact import ArtifactRuntime, open_artifact, verify_ar
 from dbrx_aot.runtimes.cuda_graphs import DecodeGraphs
 from dbrx_aot.tp import shard
 
+log = logging.getLogger("dbrx_aot")
 
 # DBRX_AOT_AOTI_LOADER: what opens a package. "package" (the default): torch's AOTIModelPackageLoader.
 # "container": the .so extracted and opened by AOTIModelContainerRunner{Cpu,Cuda}, as
@@ -90,16 +94,84 @@ class ContainerPackage:
         return pytree.tree_unflatten(self.runner.run(flat), self._out_spec)
 
 
+def compiled_here(device: torch.device) -> dict[str, str]:
+    """What a package's metadata says it was compiled for (AOTI_*), read off this process without
+    building anything: Inductor's own reading (codecache.get_device_information, the first step of
+    aoti_load_package) builds and loads a test library per CPU ISA, each in a new python that imports
+    torch: 10 s of an 11 s load_runtime under torch 2.11 on 2 cores, about 23 s a process on the H200."""
+    here = {"AOTI_PLATFORM": sys.platform, "AOTI_MACHINE": platform.machine()}
+    try:  # an x86 CPU's vector ISAs, in Inductor's words (its cpuid checks, no build)
+        from torch._inductor.cpu_vec_isa import x86_isa_checker
+    except ImportError:
+        pass
+    else:
+        if here["AOTI_MACHINE"] in ("x86_64", "AMD64"):
+            here["AOTI_CPU_ISA"] = " ".join(x86_isa_checker()).upper()
+    if device.type == "cuda" and torch.version.hip is None:  # ROCm's packages name a gfx architecture
+        major, minor = torch.cuda.get_device_capability(device)
+        here["AOTI_COMPUTE_CAPABILITY"] = str(major * 10 + minor)
+    return here
+
+
+def compiled_elsewhere(meta: dict[str, str], here: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(what keeps a package from running here, what may slow it) from its metadata against
+    compiled_here: another platform or machine, CPU kernels for vector instructions this CPU lacks
+    (they would die of SIGILL), CUDA kernels for another GPU generation; a newer GPU of the same
+    generation only a warning (cubins run on later GPUs of their generation; Inductor's own check
+    only ever warns)."""
+    fatal, warnings = [], []
+    for key, what in (("AOTI_PLATFORM", "platform"), ("AOTI_MACHINE", "machine")):
+        if meta.get(key) and meta[key] != here[key]:
+            fatal.append(f"compiled for {what} {meta[key]}, this is {here[key]}")
+    wanted = set(meta.get("AOTI_CPU_ISA", "").split()) - {"INVALID_VEC_ISA"}  # that one: no vector code
+    has = here.get("AOTI_CPU_ISA")
+    if has is not None and not wanted <= set(has.split()):
+        missing = " ".join(sorted(wanted - set(has.split())))
+        (fatal if meta.get("AOTI_DEVICE_KEY") == "cpu" else warnings).append(
+            f"compiled for a CPU with {meta['AOTI_CPU_ISA']}, this one lacks {missing}")
+    built, gpu = meta.get("AOTI_COMPUTE_CAPABILITY", ""), here.get("AOTI_COMPUTE_CAPABILITY", "")
+    if built.isdigit() and gpu.isdigit() and built != gpu:
+        (built_major, built_minor), (major, minor) = divmod(int(built), 10), divmod(int(gpu), 10)
+        (warnings if major == built_major and minor > built_minor else fatal).append(
+            f"compiled for a GPU of compute capability {built_major}.{built_minor}, this one is {major}.{minor}")
+    return fatal, warnings
+
+
+def check_compiled_for_here(package: Path, device: torch.device) -> None:
+    """The package's metadata against compiled_here: an error for what cannot run here, a warning
+    for what may run slower (in place of aoti_load_package's own check, a warning only)."""
+    fatal, warnings = compiled_elsewhere(
+        torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(package), "model"), compiled_here(device))
+    if fatal:
+        raise DbrxAotError(f"{package}: {fatal[0]} (re-export on this machine)")
+    for warning in warnings:
+        log.warning("%s: %s", package, warning)
+
+
+def package_loader(package: Path, device: torch.device, run_single_threaded: bool):
+    """The .pt2 opened by torch's package loader (AOTIModelPackageLoader) as aoti_load_package opens
+    it, less that function's first step (its reading of the machine: check_compiled_for_here does
+    that job). On a torch whose loader has another form, aoti_load_package itself."""
+    index = -1 if device.index is None else device.index
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+    except ImportError:
+        return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
+                                                 device_index=index)
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(package), "model", run_single_threaded, 1,
+                                                                   index))
+
+
 def open_package(package: Path, device: torch.device, run_single_threaded: bool = False):
     """One .pt2 opened the way DBRX_AOT_AOTI_LOADER says (package loader by default); not yet bound."""
     loader = os.environ.get("DBRX_AOT_AOTI_LOADER", "package")
     if loader not in AOTI_LOADERS:
         raise DbrxAotError(f"DBRX_AOT_AOTI_LOADER={loader!r}: expected one of {', '.join(AOTI_LOADERS)}")
     try:
+        check_compiled_for_here(package, device)
         if loader in ("container", "deepbind"):
             return ContainerPackage(package, device, run_single_threaded, loader)
-        return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
-                                                 device_index=-1 if device.index is None else device.index)
+        return package_loader(package, device, run_single_threaded)
     except DbrxAotError:
         raise
     except Exception as err:  # the loaders raise RuntimeError and friends with C++ messages

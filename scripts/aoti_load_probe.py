@@ -213,12 +213,6 @@ def load_steps(package: Path, device: str, warm: str, reference: Path | None, in
     say(f"torch {torch.__version__} imported")
     warm_up(warm, device)
     say(f"warm-up {warm} done")
-    # The loader's first step, timed on its own: its device check builds and loads a test library
-    # per CPU ISA, each in a new python that imports torch (torch._inductor.cpu_vec_isa).
-    from torch._inductor.codecache import get_device_information
-
-    get_device_information(torch.device(device).type)
-    say("the loader's device check done")
     if libraries:
         try:
             report = std_library_report(package)

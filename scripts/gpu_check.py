@@ -919,16 +919,9 @@ def probe_outcome(out: str, rc: int, seconds: float) -> str:
     and its last step (the probe prints ``probe <t> s: <step>`` as it goes)."""
     steps = [(t, step) for t, step in re.findall(r"^probe +([\d.]+) s: (.*)$", out, re.M)
              if not step.startswith("libstdc++: ")]  # the report's lines: libstdcxx_report
-    done = "; ".join(f"{step} at {t} s" for t, step in steps
-                     if not step.startswith(("torch ", "warm-up", "the loader's")))
-
-    def at(prefix: str) -> float | None:
-        return next((float(t) for t, step in steps if step.startswith(prefix)), None)
-
-    warmed, checked = at("warm-up"), at("the loader's device check")
+    done = "; ".join(f"{step} at {t} s" for t, step in steps if not step.startswith(("torch ", "warm-up")))
     if rc == 0:
-        return f"ok: {done}" + ("" if checked is None else
-                                f" (the loader's device check took {checked - (warmed or 0):.1f} s)")
+        return f"ok: {done}"
     end = ("killed at its time limit" if rc == -9 else f"died of {signal.Signals(-rc).name}" if rc < 0
            else f"exit {rc}: {last_line(out)}")
     last = f"{steps[-1][1]} at {steps[-1][0]} s" if steps else "before its first step"
@@ -948,8 +941,8 @@ STD_MANGLED = ("_ZNSt", "_ZNKSt", "_ZSt", "_ZZNSt", "_ZZNKSt", "_ZGVZNSt", "_ZGV
 
 def so_bindings(folder: Path) -> list[str]:
     """What the dynamic linker bound the package's .so's symbols to, outside the .so, from the
-    LD_DEBUG=bindings logs in ``folder`` (one per process: the loading one, and its device check's
-    pythons), then removed (some 200 MB): how many bindings went to which library; which of the C++
+    LD_DEBUG=bindings logs in ``folder`` (one per process: the loading one, and any it starts), then
+    removed (they ran to 200 MB): how many bindings went to which library; which of the C++
     standard library's symbols went elsewhere than libstdc++ (a .so running another library's copy
     of std::regex); and its last bindings, the code it reached last (where a crash ended the log)."""
     targets: collections.Counter[str] = collections.Counter()

@@ -158,7 +158,14 @@ def test_packages_opened_without_torchs_package_loader_give_the_same_logits(arti
     container runner alone (the way round an image whose package loader crashes, as the H200's did
     in every process that had not compiled its package), and =deepbind: the same, the .so opened
     with RTLD_DEEPBIND first: bit-identical logits over a ragged prefill and decode steps, weights
-    bound as user-managed constants all the same."""
+    bound as user-managed constants all the same. None of the three reads the machine Inductor's
+    way (builds and pythons: seconds a process; runtimes.aoti.compiled_here reads it)."""
+    from torch._inductor import codecache
+
+    def builds(*args):
+        raise AssertionError("the loader ran Inductor's reading of the machine")
+
+    monkeypatch.setattr(codecache, "get_device_information", builds)
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(3))
     lengths, steps = [11, 4], 3
     out = {}
@@ -174,6 +181,45 @@ def test_packages_opened_without_torchs_package_loader_give_the_same_logits(arti
         assert torch.equal(out["package"][0], out[loader][0]) and out["package"][1] == out[loader][1]
     monkeypatch.setenv("DBRX_AOT_AOTI_LOADER", "zip")
     assert "DBRX_AOT_AOTI_LOADER='zip': expected one of package, container, deepbind" in error_of(artifacts["auto"])
+
+
+def test_a_package_compiled_for_another_machine_is_refused_saying_what_differs(artifacts, monkeypatch):
+    """A package's metadata (AOTI_*) against this machine: CPU kernels for vector instructions the CPU
+    lacks (SIGILL at the first call otherwise), another machine, a GPU of another generation or an
+    older one of the same: refused before the load; CUDA kernels on a newer GPU of their generation,
+    or a CUDA package's CPU code on a narrower CPU: a warning."""
+    from dbrx_aot.runtimes import aoti
+
+    cpu = {"AOTI_PLATFORM": "linux", "AOTI_MACHINE": "x86_64", "AOTI_CPU_ISA": "AVX512 AVX512_VNNI",
+           "AOTI_DEVICE_KEY": "cpu", "AOTI_COMPUTE_CAPABILITY": ""}
+    here = {"AOTI_PLATFORM": "linux", "AOTI_MACHINE": "x86_64", "AOTI_CPU_ISA": "AVX2"}
+    assert aoti.compiled_elsewhere(cpu, here) == (["compiled for a CPU with AVX512 AVX512_VNNI, this one lacks "
+                                                   "AVX512 AVX512_VNNI"], [])
+    assert aoti.compiled_elsewhere(cpu, {**here, "AOTI_CPU_ISA": "AVX2 AVX512 AVX512_VNNI AMX_TILE"}) == ([], [])
+    assert aoti.compiled_elsewhere({**cpu, "AOTI_CPU_ISA": "INVALID_VEC_ISA"}, here) == ([], [])
+    assert aoti.compiled_elsewhere(cpu, {"AOTI_PLATFORM": "linux", "AOTI_MACHINE": "aarch64"})[0] == [
+        "compiled for machine x86_64, this is aarch64"]
+    cuda = {**cpu, "AOTI_DEVICE_KEY": "cuda", "AOTI_COMPUTE_CAPABILITY": "90"}
+    gpu = {**here, "AOTI_CPU_ISA": "AVX512 AVX512_VNNI"}
+    assert aoti.compiled_elsewhere(cuda, {**gpu, "AOTI_COMPUTE_CAPABILITY": "90"}) == ([], [])
+    said = "compiled for a GPU of compute capability {}, this one is {}"
+    for built, there, refused in (("90", "100", True), ("90", "80", True), ("86", "80", True), ("80", "86", False)):
+        line = [said.format(f"{built[:-1]}.{built[-1]}", f"{there[:-1]}.{there[-1]}")]
+        assert aoti.compiled_elsewhere({**cuda, "AOTI_COMPUTE_CAPABILITY": built}, {
+            **gpu, "AOTI_COMPUTE_CAPABILITY": there}) == ((line, []) if refused else ([], line)), (built, there)
+    assert aoti.compiled_elsewhere(cuda, {**here, "AOTI_COMPUTE_CAPABILITY": "90"})[1] == [
+        "compiled for a CPU with AVX512 AVX512_VNNI, this one lacks AVX512 AVX512_VNNI"]
+    # This machine reads as what the suite's packages were compiled for; one whose CPU has no vector
+    # ISA at all refuses them (where they have vector code), naming the package.
+    meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(
+        str(artifacts["auto"] / "aoti" / "decode.pt2"), "model")
+    assert aoti.compiled_elsewhere(meta, aoti.compiled_here(torch.device("cpu"))) == ([], [])
+    if meta["AOTI_CPU_ISA"] not in ("", "INVALID_VEC_ISA"):
+        real = aoti.compiled_here
+        monkeypatch.setattr(aoti, "compiled_here", lambda device: {**real(device), "AOTI_CPU_ISA": ""})
+        assert error_of(artifacts["auto"]).endswith(
+            f"prefill.pt2: compiled for a CPU with {meta['AOTI_CPU_ISA']}, this one lacks "
+            f"{' '.join(sorted(meta['AOTI_CPU_ISA'].split()))} (re-export on this machine)")
 
 
 def error_of(path, **kw):
