@@ -9,7 +9,8 @@ On CUDA, decode replays a captured CUDA graph per KV cache (runtimes/cuda_graphs
 ``cuda_graphs=False``. ``random_weights=SEED`` binds random weights made on the device instead of
 reading weights/ (benchmarks of compile-only artifacts: speed does not depend on the values).
 
-A package is opened by torch's package loader (``aoti_load_package``), or, with the environment
+A package is opened by torch's package loader (``package_loader``: as ``aoti_load_package`` opens
+it, its metadata checked against this machine by ``compiled_elsewhere``), or, with the environment
 variable ``DBRX_AOT_AOTI_LOADER=container`` (or ``deepbind``), by AOTInductor's container runner
 alone on the .so extracted from it (``open_package``): ways round an image where a fresh process
 crashes loading a CUDA package (README, GPU check).
