@@ -99,7 +99,7 @@ def compiled_here(device: torch.device) -> dict[str, str]:
     """What a package's metadata says it was compiled for (AOTI_*), read off this process without
     building anything: Inductor's own reading (codecache.get_device_information, the first step of
     aoti_load_package) builds and loads a test library per CPU ISA, each in a new python that imports
-    torch: 10 s of an 11 s load_runtime under torch 2.11 on 2 cores, about 23 s a process on the H200."""
+    torch: 10 s of an 11 s load_runtime under torch 2.11 on 2 cores, at least 23 s a process on the H200."""
     here = {"AOTI_PLATFORM": sys.platform, "AOTI_MACHINE": platform.machine()}
     try:  # an x86 CPU's vector ISAs, in Inductor's words (its cpuid checks, no build)
         from torch._inductor.cpu_vec_isa import x86_isa_checker
