@@ -141,8 +141,10 @@ def compiled_elsewhere(meta: dict[str, str], here: dict[str, str]) -> tuple[list
 def check_compiled_for_here(package: Path, device: torch.device) -> None:
     """The package's metadata against compiled_here: an error for what cannot run here, a warning
     for what may run slower (in place of aoti_load_package's own check, a warning only)."""
-    fatal, warnings = compiled_elsewhere(
-        torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(package), "model"), compiled_here(device))
+    read = getattr(torch._C._aoti.AOTIModelPackageLoader, "load_metadata_from_package", None)
+    if read is None:  # a torch without it: package_loader falls back on aoti_load_package, which checks
+        return
+    fatal, warnings = compiled_elsewhere(read(str(package), "model"), compiled_here(device))
     if fatal:
         raise DbrxAotError(f"{package}: {fatal[0]} (re-export on this machine)")
     for warning in warnings:
@@ -156,11 +158,12 @@ def package_loader(package: Path, device: torch.device, run_single_threaded: boo
     index = -1 if device.index is None else device.index
     try:
         from torch.export.pt2_archive._package import AOTICompiledModel
-    except ImportError:
+
+        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(package), "model", run_single_threaded, 1,
+                                                                       index))
+    except (ImportError, TypeError):  # TypeError: the loader takes other arguments there
         return torch._inductor.aoti_load_package(str(package), run_single_threaded=run_single_threaded,
                                                  device_index=index)
-    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(package), "model", run_single_threaded, 1,
-                                                                   index))
 
 
 def open_package(package: Path, device: torch.device, run_single_threaded: bool = False):
