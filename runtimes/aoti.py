@@ -142,7 +142,7 @@ def check_compiled_for_here(package: Path, device: torch.device) -> None:
     """The package's metadata against compiled_here: an error for what cannot run here, a warning
     for what may run slower (in place of aoti_load_package's own check, a warning only)."""
     read = getattr(torch._C._aoti.AOTIModelPackageLoader, "load_metadata_from_package", None)
-    if read is None:  # a torch without it: package_loader falls back on aoti_load_package, which checks
+    if read is None:  # a torch without it (aoti_load_package's own check reads the metadata with it too)
         return
     fatal, warnings = compiled_elsewhere(read(str(package), "model"), compiled_here(device))
     if fatal:
