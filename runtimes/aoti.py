@@ -125,11 +125,10 @@ def compiled_elsewhere(meta: dict[str, str], here: dict[str, str]) -> tuple[list
         if meta.get(key) and meta[key] != here[key]:
             fatal.append(f"compiled for {what} {meta[key]}, this is {here[key]}")
     wanted = set(meta.get("AOTI_CPU_ISA", "").split()) - {"INVALID_VEC_ISA"}  # that one: no vector code
-    has = here.get("AOTI_CPU_ISA")
-    if has is not None and not wanted <= set(has.split()):
-        missing = " ".join(sorted(wanted - set(has.split())))
+    missing = wanted - set(here["AOTI_CPU_ISA"].split()) if "AOTI_CPU_ISA" in here else set()
+    if missing:
         (fatal if meta.get("AOTI_DEVICE_KEY") == "cpu" else warnings).append(
-            f"compiled for a CPU with {meta['AOTI_CPU_ISA']}, this one lacks {missing}")
+            f"compiled for a CPU with {meta['AOTI_CPU_ISA']}, this one lacks {' '.join(sorted(missing))}")
     built, gpu = meta.get("AOTI_COMPUTE_CAPABILITY", ""), here.get("AOTI_COMPUTE_CAPABILITY", "")
     if built.isdigit() and gpu.isdigit() and built != gpu:
         (built_major, built_minor), (major, minor) = divmod(int(built), 10), divmod(int(gpu), 10)
