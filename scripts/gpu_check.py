@@ -12,7 +12,8 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
   imports      what is missing, in one line
   exports      started in the background so that they compile while the tests run: the small
                preset's artifact (checkpoint + export), and compile-only real-width
-               slices (on CUDA as many at once as their weights fit in the GPU's memory)
+               slices (on CUDA as many at once as their weights fit in the GPU's memory; stopped
+               where the load probe finds that no fresh process loads a package)
   tests        pytest -m "gpu and not fresh_process" (outcomes read from its JUnit XML): the tests
                that load a package in the process that compiled it
   load probe   in the background beside the tests: whether an AOTInductor package loads in a fresh
@@ -228,6 +229,10 @@ class Check:
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
+        # The slices' exports running (run(stoppable=True)), and whether COMPILE_HERE stopped them.
+        self.stoppable: set[subprocess.Popen] = set()
+        self.stoppable_lock = threading.Lock()
+        self.slice_exports_stopped = False
 
     @property
     def compile_here(self) -> bool:
@@ -243,8 +248,11 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, label: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
-        """Run a command in its own process group (killed whole on timeout); (exit code, output)."""
+    def run(self, label: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+            stoppable: bool = False) -> tuple[int, str]:
+        """Run a command in its own process group (killed whole on timeout); (exit code, output).
+        ``stoppable``: a slice's export, which a decision to compile where measured stops
+        (``stop_slice_exports``)."""
         timeout = max(1.0, min(timeout, self.left()))
         # faulthandler: a process that crashes in compiled code prints its Python stack into the log.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
@@ -253,6 +261,11 @@ class Check:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
+        if stoppable:
+            with self.stoppable_lock:
+                self.stoppable.add(proc)
+                if self.slice_exports_stopped:  # decided while it started
+                    os.killpg(proc.pid, signal.SIGKILL)
         try:
             output, _ = proc.communicate(timeout=timeout)
             rc = proc.returncode
@@ -261,6 +274,9 @@ class Check:
             output, _ = proc.communicate()
             output += f"\n(killed after {timeout:.0f} s)"
             rc = -9
+        finally:
+            with self.stoppable_lock:
+                self.stoppable.discard(proc)
         self.log.write(f"===== {label}: {' '.join(cmd)}\n{output}\n===== exit {rc} after "
                        f"{time.monotonic() - started:.1f} s\n\n")
         self.log.flush()
@@ -398,16 +414,27 @@ class Check:
         # turns (export.aoti.compile_lock; the slices' decode graphs are alike, and AOTInductor builds
         # a graph in <cache>/<hash of its code>/).
         env = {"TORCHINDUCTOR_CACHE_DIR": str(self.work / ("inductor-" + re.sub(r"[^\w.-]+", "-", name)))}
-        if name != "bench artifact":  # needed only where a fresh process can load what it exports
-            self.loading_decided.wait(max(0.0, self.left()))
-            if self.compile_here:
-                return True, 0.0, f"not needed ({COMPILE_HERE})"
+        # A slice is needed only where a fresh process can load what it exports. It starts at once (the
+        # load probe's decision comes after the bench artifact's export and the probe's loads: minutes),
+        # unless that was decided already (--compile-here); a later decision to compile where measured stops it.
+        if name != "bench artifact" and (self.forced_compile_here or self.slice_exports_stopped):
+            return True, 0.0, f"not needed ({COMPILE_HERE})"
         with self.slice_slots if name.startswith("slice ") else contextlib.nullcontext():
             for cmd in commands:
-                rc, out = self.run(name, cmd, 480, env)
+                rc, out = self.run(name, cmd, 480, env, stoppable=name != "bench artifact")
+                if rc and self.slice_exports_stopped:
+                    return True, time.monotonic() - t, f"stopped: not needed ({COMPILE_HERE})"
                 if rc:
                     return False, time.monotonic() - t, f"exit {rc}: {last_line(out)}"
         return True, time.monotonic() - t, "ok"
+
+    def stop_slice_exports(self) -> None:
+        """The slices' exports still running, stopped (COMPILE_HERE compiles them where measured, and
+        on CUDA each holds its weights on the GPU); any that starts later is stopped as it starts."""
+        with self.stoppable_lock:
+            self.slice_exports_stopped = True
+            for proc in self.stoppable:
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def exports_stage(self, futures: dict) -> str:
         results = {name: f.result() for name, f in futures.items()}
@@ -500,7 +527,8 @@ class Check:
         """How the aoti commands load a package, from the load probe's outcomes: plainly; through the
         first of LOAD_WORKAROUNDS that loaded; or, where none did, compiled again where measured
         (``compile_here``); ``None``: --compile-here, decided at the start (the probe's outcomes come
-        later, a diagnosis only). Then lets the exports that waited for it go on (``run_job``)."""
+        later, a diagnosis only). Where that is COMPILE_HERE, the slices' exports stop and the aoti
+        benches and slices start compiling where they will be measured."""
         if self.loading_decided.is_set():  # by --compile-here
             return
         plain = "not tried (--compile-here)" if outcomes is None else outcomes.get("decode.pt2", "")
@@ -517,6 +545,8 @@ class Check:
                    if self.workaround is not None else
                    f"no way the load probe tried let one; the aoti benches and slices measured {COMPILE_HERE}, "
                    "no verify diagnosis"))
+        if self.compile_here:
+            self.stop_slice_exports()
         if self.compile_here and "bench" in self.stages_chosen:
             self.bench_here = self.background.submit(self.bench_compiled_here)
         if self.compile_here and "slice" in self.stages_chosen:
@@ -787,7 +817,7 @@ class Check:
             futures = {name: pool.submit(self.run_job, name, *job) for name, job in jobs.items()}
             self.bench_export = futures.get("bench artifact")
             if self.forced_compile_here:
-                self.decide_loading(None)  # the slices start compiling now, beside everything else
+                self.decide_loading(None)  # the slices start compiling where measured now, beside everything else
             if jobs:
                 self.say(f"exports started in the background: {', '.join(jobs)}")
             probe = (pool.submit(self.probe_then_decide, futures["bench artifact"]) if "probe" in self.stages_chosen

@@ -428,7 +428,7 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     def checked(outcomes: dict) -> tuple:
         check, commands = make_check(tmp_path, "cuda"), []
 
-        def fake_run(label, cmd, timeout, env=None):  # a report for each bench among its CLI commands
+        def fake_run(label, cmd, timeout, env=None, stoppable=False):  # a report for each bench among its CLI commands
             commands.append((cmd, env))
             reports = [{"copy_bandwidth_gb_s": 3000.0, "results": {"aoti" if "aoti" in c else "eager": run}}
                        for c in " ".join(cmd).split(" -- ") if " bench " in f" {c} "]
@@ -527,6 +527,32 @@ def test_compile_here_decides_at_the_start_and_leaves_the_load_probe_a_diagnosis
     assert check.run_job("slice batch8", check.work / "slice-batch8", [["false"]])[2].startswith("not needed")
 
 
+def test_slice_exports_start_at_once_and_stop_when_the_probe_decides_to_compile_where_measured(tmp_path):
+    """Without --compile-here a slice's export does not wait for the load probe (its decision comes
+    after the small preset's export and the probe's loads: minutes on the H200): it starts at once, and
+    a decision to compile where measured stops it (any later one is not started)."""
+    check = make_check(tmp_path, "cuda")
+    check.stages_chosen = {"probe"}  # the decision then starts no compile of its own
+    slow = [["sleep", "60"]]
+    job = concurrent.futures.ThreadPoolExecutor(1).submit(check.run_job, "slice batch1", tmp_path / "s1", slow)
+    until = time.monotonic() + 10
+    while not check.stoppable and time.monotonic() < until:
+        time.sleep(0.05)
+    assert check.stoppable and not check.loading_decided.is_set()  # started before any decision
+    died = "died of SIGSEGV 66 s into the command"
+    decided = time.monotonic()
+    check.decide_loading({"decode.pt2": died, **{name: died for name, _, _ in gpu_check.LOAD_WORKAROUNDS}})
+    assert check.compile_here
+    stopped = f"stopped: not needed ({gpu_check.COMPILE_HERE})"
+    assert job.result(timeout=10)[::2] == (True, stopped) and time.monotonic() - decided < 10
+    assert check.run_job("slice batch8", tmp_path / "s8", slow) == (True, 0.0, f"not needed ({gpu_check.COMPILE_HERE})")
+    started = time.monotonic()  # one that started as it was decided is stopped as it starts
+    assert check.run("slice batch8", slow[0], 60, stoppable=True)[0] == -9 and time.monotonic() - started < 10
+    assert not check.stoppable
+    assert check.run_job("bench artifact", tmp_path / "b", [["true"]])[::2] == (True, "ok")  # never stopped
+    assert "exit -9" in (tmp_path / "out" / "log.txt").read_text()
+
+
 def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path):
     """COMPILE_HERE slices compile side by side, but each measures only in its turn: this script holds
     every turn's lock file until its own benches are done, then hands them out in slice_runs' order,
@@ -596,8 +622,8 @@ def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_fir
 
 def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_dry_run, tmp_path):
     """COMPILE_HERE on CPU, with real commands: the dry run's small-preset export once more, into a
-    new directory, then both aoti benches on it, in one process; their reports are the figures; then
-    a slice compiled and measured (in its turn) in a process of its own."""
+    new directory, then both aoti benches on it, in one process; their reports are the figures; and
+    beside it, a slice compiled and measured (in its turn) in a process of its own."""
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "out"), work=str(gpu_check_dry_run.work),
                               deadline=600, skip_install=True, stages="bench,slice", reuse_exports=True,
                               compile_here=False)
@@ -605,6 +631,10 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     check.python = sys.executable
     check.jobs, check.fresh_load_fails = check.export_jobs(), "died of SIGSEGV (as on the H200)"
     assert check.compile_here
+    # A slice the same way, compiled beside the bench's (as the GPU check starts every slice once the
+    # load probe has decided) and measured (in its turn: a lock file this script would hand it), profiled.
+    first = gpu_check.slice_runs(check.plan)[0]
+    sliced = concurrent.futures.ThreadPoolExecutor(1).submit(check.slice_compiled_here, first)
     check.stage("bench", check.bench_stage)
     assert check.stages[0]["ok"], check.stages[0]["detail"]
     runs = check.figures["bench"]["runs"]
@@ -613,9 +643,7 @@ def test_benches_compiled_again_in_their_own_process_measure_for_real(gpu_check_
     assert (gpu_check_dry_run.work / "bench-art-here" / "manifest.json").is_file()
     log = (tmp_path / "out" / "log.txt").read_text()
     assert log.count(f"===== bench aoti ({gpu_check.COMPILE_HERE})") == 1 and "bench-art-here --device cpu" in log
-    # A slice the same way (measured in its turn, a lock file this script would hand it),
-    # profiled: what the GPU check starts for every slice once the load probe has decided.
-    reports, failed = check.slice_compiled_here(gpu_check.slice_runs(check.plan)[0])
+    reports, failed = sliced.result()
     assert not failed and set(reports) == {"aoti"}, failed
     assert reports["aoti"]["results"]["aoti"]["decode_profile"]["rows"]
     assert (gpu_check_dry_run.work / "slice-batch1-here" / "manifest.json").is_file()
