@@ -434,7 +434,8 @@ class Check:
         with self.stoppable_lock:
             self.slice_exports_stopped = True
             for proc in self.stoppable:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.killpg(proc.pid, signal.SIGKILL)
 
     def exports_stage(self, futures: dict) -> str:
         results = {name: f.result() for name, f in futures.items()}
