@@ -138,6 +138,10 @@ LOAD_WORKAROUNDS = (
 # artifact again in the CLI's own process (a new directory and Inductor cache: a real compile, as the
 # GPU tests that pass compile and load theirs), then measures there. One compile per artifact.
 COMPILE_HERE = "the artifact compiled again in the CLI's own process"
+# Where the GPU tests keep their CUDA artifacts (tests/test_gpu.py's cuda_artifact), for both pytest runs:
+# the fresh-process tests, last, load what the first run compiled instead of compiling it again (minutes
+# at the end of the run, where the deadline cut them in the third H200 run).
+TEST_ARTIFACTS_ENV = "DBRX_AOT_TEST_CUDA_ARTIFACTS"
 
 
 class SliceRun(NamedTuple):
@@ -451,7 +455,8 @@ class Check:
         # A test module that cannot be imported there (another library version) must not stop the rest.
         rc, out = self.run(f"tests ({marks})", [self.python, "-m", "pytest", "-m", marks, "-q", "-rs", "-p",
                                                 "no:cacheprovider", "--continue-on-collection-errors",
-                                                f"--junitxml={xml}", "tests"], 420)
+                                                f"--junitxml={xml}", "tests"], 420,
+                           {TEST_ARTIFACTS_ENV: str(self.work / "test-artifacts")})
         if not xml.is_file():
             raise StageFailed(f"pytest wrote no report (exit {rc}): {last_line(out)}")
         seen = {t["name"] for t in self.tests}  # a module skipped at collection is in both runs' reports
@@ -809,6 +814,7 @@ class Check:
         self.slice_slots = threading.BoundedSemaphore(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
+        shutil.rmtree(self.work / "test-artifacts", ignore_errors=True)  # an earlier run's, compiled by other code
         for name, path in self.turns.items():
             path.with_suffix(".waiting").unlink(missing_ok=True)  # an earlier run's, in a reused --work
             self.held_turns[name] = path.open("a")

@@ -160,6 +160,23 @@ def test_junit_outcomes(tmp_path):
         ("test_gpu::test_c", "skipped", "no CUDA device"), ("test_gpu::test_d", "error", "fixture broke")]
 
 
+def test_the_fresh_process_tests_load_the_artifacts_the_first_pytest_run_compiled(tmp_path):
+    """Both pytest runs name one folder for the GPU tests' CUDA artifacts (tests/test_gpu.py's
+    cuda_artifact keeps them there), so the second run, at the end of the check, compiles nothing."""
+    check, envs = make_check(tmp_path, "cuda"), []
+
+    def fake_run(label, cmd, timeout, env=None, stoppable=False):
+        envs.append(env)
+        xml = Path(next(arg for arg in cmd if arg.startswith("--junitxml=")).split("=", 1)[1])
+        xml.write_text(f'<testsuite><testcase classname="tests.test_gpu" name="{xml.stem}" time="1"/></testsuite>')
+        return 0, ""
+
+    check.run = fake_run
+    assert check.tests_stage() == "1 passed"
+    assert check.tests_stage("gpu and fresh_process", "pytest-fresh-process.xml") == "1 passed"
+    assert envs[0] == envs[1] == {gpu_check.TEST_ARTIFACTS_ENV: str(check.work / "test-artifacts")}
+
+
 def test_targets_are_judged_on_cuda_only(tmp_path):
     check = make_check(tmp_path, device="cuda")
     check.figures = {"bench": {"cuda_graphs_speedup": 1.5, "aoti_vs_eager": 1.9},
