@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dbrx_aot
-from conftest import ARTIFACT_SHAPES, TOLERANCE
+from conftest import ARTIFACT_SHAPES, TOLERANCE, load_script
 from dbrx_aot.runtimes import prefill_chunks
 from test_ladder import STEPS, check_long_and_ragged_prompts, check_prefill_and_decode, check_two_caches, prompt
 
@@ -29,11 +29,11 @@ pytestmark = [pytest.mark.gpu,
 def cuda_artifact(tiny_checkpoint, tmp_path_factory):
     """(dtype, --moe-kernel) -> an aoti artifact exported with --device cuda (batch 2: its decode graph
     gathers the experts), built on first use. Under the GPU check they are kept in the folder that
-    $DBRX_AOT_TEST_CUDA_ARTIFACTS names, so that its second pytest run (the fresh-process tests)
-    loads the first run's instead of compiling them again."""
+    its TEST_ARTIFACTS_ENV names, so that its second pytest run (the fresh-process tests) loads the
+    first run's instead of compiling them again."""
     from dbrx_aot.export import export_artifact
 
-    kept = os.environ.get("DBRX_AOT_TEST_CUDA_ARTIFACTS")
+    kept = os.environ.get(load_script("gpu_check").TEST_ARTIFACTS_ENV)
     root = Path(kept) if kept else tmp_path_factory.mktemp("cuda-artifacts")
 
     def get(dtype: str, moe_kernel: str = "auto"):
