@@ -68,12 +68,16 @@ if triton is not None:
     # The shapes are compile-time constants (one model, one compile per shape): fixed trip counts for
     # the compiler, and loop bounds that Triton's interpreter takes as Python ints (triton 3.6's cannot
     # turn a runtime scalar into one under numpy 2.4).
+    # The slot is the grid's last axis, launched last: a slot's row (column) blocks all run before the
+    # next slot's. AOTInductor autotunes on generated inputs, whose idx is all zeros (every slot reads
+    # expert 0): with the slot first, the k slots reading the same rows would run side by side, from
+    # L2, and the tuner would time a quarter of a real step's DRAM reads.
     def _rowdot(x_ptr, idx_ptr, w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                 ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        slot = tl.program_id(0)                                         # n * K + j
+        slot = tl.program_id(1)                                         # n * K + j
         n = slot // K
         e = tl.load(idx_ptr + slot).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         w_rows = w_ptr + e * R * C + rows.to(tl.int64)[:, None] * C     # [BLOCK_R, 1]
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -87,10 +91,10 @@ if triton is not None:
 
     def _coldot(a_ptr, idx_ptr, w_ptr, part_ptr, SLOTS, R: tl.constexpr, C: tl.constexpr,
                 ROWS_PER_SPLIT: tl.constexpr, ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        slot = tl.program_id(0)
-        split = tl.program_id(2)
+        slot = tl.program_id(2)
+        split = tl.program_id(1)
         e = tl.load(idx_ptr + slot).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
@@ -134,7 +138,7 @@ if triton is not None:
         (N, k), (_, R, C) = idx.shape, w.shape
         x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
         out = torch.empty(N, k, R, dtype=torch.float32, device=x.device)
-        _launchable(_rowdot_kernel)[lambda meta: (N * k, triton.cdiv(R, meta["BLOCK_R"]))](
+        _launchable(_rowdot_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), N * k)](
             x, idx, w, out, R=R, C=C, K=k, ZERO=zero_point, **_fixed(ROWDOT_CONFIGS))
         return out
 
@@ -147,6 +151,6 @@ if triton is not None:
         a, idx, w = a.contiguous(), idx.contiguous(), w.contiguous()
         splits, rows = coldot_split(N * k, R, C)
         part = torch.empty(splits, N, k, C, dtype=torch.float32, device=a.device)
-        _launchable(_coldot_kernel)[lambda meta: (N * k, triton.cdiv(C, meta["BLOCK_C"]), splits)](
+        _launchable(_coldot_kernel)[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), splits, N * k)](
             a, idx, w, part, N * k, R=R, C=C, ROWS_PER_SPLIT=rows, ZERO=zero_point, **_fixed(COLDOT_CONFIGS))
         return part.sum(0)
