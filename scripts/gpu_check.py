@@ -142,6 +142,9 @@ COMPILE_HERE = "the artifact compiled again in the CLI's own process"
 # the fresh-process tests, last, load what the first run compiled instead of compiling it again (minutes
 # at the end of the run, where the deadline cut them in the third H200 run).
 TEST_ARTIFACTS_ENV = "DBRX_AOT_TEST_CUDA_ARTIFACTS"
+# A pytest run past its time is interrupted (SIGINT) this long before it is killed: it then writes its
+# report of the tests that ran (a killed one writes none: the third H200 run's fresh-process tests).
+PYTEST_INTERRUPT_S = 20
 
 
 class SliceRun(NamedTuple):
@@ -253,11 +256,13 @@ class Check:
         return self.deadline - time.monotonic()
 
     def run(self, label: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None,
-            stoppable: bool = False) -> tuple[int, str]:
+            stoppable: bool = False, interrupt_s: float = 0) -> tuple[int, str]:
         """Run a command in its own process group (killed whole on timeout); (exit code, output).
         ``stoppable``: a slice's export, which a decision to compile where measured stops
-        (``stop_slice_exports``)."""
-        timeout = max(1.0, min(timeout, self.left()))
+        (``stop_slice_exports``). ``interrupt_s``: on timeout, the command is first sent SIGINT and
+        given that long to end (pytest then writes its report of the tests that ran; a kill leaves
+        none), within the same deadline."""
+        timeout = max(1.0, min(timeout, self.left() - interrupt_s))
         # faulthandler: a process that crashes in compiled code prints its Python stack into the log.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         if self.site is not None:
@@ -274,10 +279,18 @@ class Check:
             output, _ = proc.communicate(timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            output += f"\n(killed after {timeout:.0f} s)"
-            rc = -9
+            output = None
+            if interrupt_s:
+                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    output, _ = proc.communicate(timeout=interrupt_s)
+            with contextlib.suppress(ProcessLookupError):  # it ended, and nothing it started is left
+                os.killpg(proc.pid, signal.SIGKILL)
+            how = "killed" if output is None else "interrupted"
+            if output is None:
+                output, _ = proc.communicate()
+            output += f"\n({how} after {timeout:.0f} s)"
+            rc = -9 if how == "killed" else proc.returncode
         finally:
             with self.stoppable_lock:
                 self.stoppable.discard(proc)
@@ -456,7 +469,7 @@ class Check:
         rc, out = self.run(f"tests ({marks})", [self.python, "-m", "pytest", "-m", marks, "-q", "-rs", "-p",
                                                 "no:cacheprovider", "--continue-on-collection-errors",
                                                 f"--junitxml={xml}", "tests"], 420,
-                           {TEST_ARTIFACTS_ENV: str(self.work / "test-artifacts")})
+                           {TEST_ARTIFACTS_ENV: str(self.work / "test-artifacts")}, interrupt_s=PYTEST_INTERRUPT_S)
         if not xml.is_file():
             raise StageFailed(f"pytest wrote no report (exit {rc}): {last_line(out)}")
         seen = {t["name"] for t in self.tests}  # a module skipped at collection is in both runs' reports
@@ -466,6 +479,9 @@ class Check:
         for t in tests:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         text = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests collected"
+        end = out.rstrip().rsplit("\n", 1)[-1]
+        if end.startswith("(interrupted after"):  # its time ran out: the tests after these did not run
+            raise StageFailed(f"{text} (pytest {end.strip('()')}: the rest did not run)")
         if rc or not tests:
             raise StageFailed(f"{text} (pytest exit {rc})")
         return text
@@ -1068,6 +1084,8 @@ def last_line(text: str) -> str:
 def read_junit(path: Path) -> list[dict]:
     tests = []
     for case in ET.parse(path).iter("testcase"):
+        if case.get("name") is None:  # the test an interrupt (SIGINT) stopped: written unnamed, as passed
+            continue
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             node = case.find(tag)

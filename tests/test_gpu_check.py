@@ -117,6 +117,25 @@ def test_a_command_past_the_deadline_is_killed(tmp_path):
     assert rc == -9 and "killed after" in out
 
 
+def test_a_pytest_run_past_its_time_is_interrupted_and_reports_the_tests_that_ran(tmp_path):
+    """Killed, pytest writes no report: the tests that passed before the deadline would be lost."""
+    check = make_check(tmp_path)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_slow():\n    time.sleep(120)\n")
+    xml = tmp_path / "r.xml"
+    started = time.monotonic()
+    rc, out = check.run("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+                                  str(tmp_path / "pytest.ini"), f"--junitxml={xml}", str(tmp_path / "test_slow.py")],
+                        timeout=15, interrupt_s=30)
+    assert "interrupted after 15 s" in out and rc == 2 and time.monotonic() - started < 40, out  # 2: interrupted
+    assert [(t["name"], t["outcome"]) for t in gpu_check.read_junit(xml)] == [("test_slow::test_quick", "passed")]
+    check.run = lambda label, cmd, timeout, env=None, interrupt_s=0: (rc, out)  # the same run, as the tests stage's
+    (check.out / "t.xml").write_bytes(xml.read_bytes())
+    with pytest.raises(gpu_check.StageFailed, match=r"^1 passed \(pytest interrupted after 15 s: the rest did not run\)$"):
+        check.tests_stage(xml_name="t.xml")
+
+
 def test_a_crashed_command_prints_its_stack_and_is_summed_up_by_the_line_that_says_why(tmp_path):
     """The first H200 run's failures read "warnings.warn(...)" and "|   ^~~~": the lines after the error."""
     check = make_check(tmp_path)
@@ -165,7 +184,7 @@ def test_the_fresh_process_tests_load_the_artifacts_the_first_pytest_run_compile
     cuda_artifact keeps them there), so the second run, at the end of the check, compiles nothing."""
     check, envs = make_check(tmp_path, "cuda"), []
 
-    def fake_run(label, cmd, timeout, env=None, stoppable=False):
+    def fake_run(label, cmd, timeout, env=None, stoppable=False, interrupt_s=0):
         envs.append(env)
         xml = Path(next(arg for arg in cmd if arg.startswith("--junitxml=")).split("=", 1)[1])
         xml.write_text(f'<testsuite><testcase classname="tests.test_gpu" name="{xml.stem}" time="1"/></testsuite>')
