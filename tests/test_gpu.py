@@ -177,8 +177,21 @@ def test_cuda_aoti_artifact_runs_in_processes_that_did_not_compile_it(cuda_artif
     assert set(outcomes.values()) == {"ok"}, f"{outcomes}\n" + "\n".join(failures)
 
 
+def texts_generated_alone(path: Path, asks: list[tuple[list[int], int]], device: str = "cuda") -> list[str]:
+    """Each (prompt, max tokens)'s greedy text from the aoti runtime alone (serve_process.reference_text),
+    computed in a process of its own: a fresh-process test must not load a package in pytest's process
+    (where a fresh process cannot load one, it would die, and the run's report with it)."""
+    code = ("import json, sys\nimport dbrx_aot\nfrom serve_process import reference_text\n"
+            "rt = dbrx_aot.load_runtime(sys.argv[1], 'aoti', device=sys.argv[2], progress=False)\n"
+            "print(json.dumps([reference_text(rt, p, n) for p, n in json.loads(sys.argv[3])]))\n")
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path), device, json.dumps(asks)],
+                          capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent)
+    assert done.returncode == 0, f"generate alone: exit {done.returncode}\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.fresh_process
-def test_server_on_cuda_answers_each_request_as_generate_does_alone(cuda_artifact, fp32_pair, tmp_path):
+def test_server_on_cuda_answers_each_request_as_generate_does_alone(cuda_artifact, tmp_path):
     """`dbrx-aot serve --device cuda`: the scheduler's thread runs the aoti package (its decode CUDA
     graph captured there) while uvicorn's thread answers HTTP; 2 x B greedy requests at once (one
     streamed) each get the text `generate` gives its prompt alone, and SIGTERM ends it with 0."""
@@ -189,12 +202,11 @@ def test_server_on_cuda_answers_each_request_as_generate_does_alone(cuda_artifac
             pytest.skip(f"{module} cannot be imported ({type(err).__name__}: {err}); dbrx-aot serve needs it")
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve_process import Server, next_event, open_stream, reference_text, request
+    from serve_process import Server, next_event, open_stream, request
 
-    aoti, _ = fp32_pair
-    B = aoti.batch_size
+    B = ARTIFACT_SHAPES["batch_size"]
     prompts = [prompt(5 + 3 * n, seed=20 + n) for n in range(2 * B)]
-    expected = [reference_text(aoti, p, 6 + n) for n, p in enumerate(prompts)]
+    expected = texts_generated_alone(cuda_artifact("float32"), [(p, 6 + n) for n, p in enumerate(prompts)])
     srv = Server(cuda_artifact("float32"), tmp_path / "server.log", "--device", "cuda", "--max-queue", "8",
                  start_s=120)
     try:
