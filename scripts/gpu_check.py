@@ -15,18 +15,20 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
                slices (on CUDA as many at once as their weights fit in the GPU's memory; stopped
                where the load probe finds that no fresh process loads a package)
   tests        pytest -m "gpu and not fresh_process" (outcomes read from its JUnit XML): the tests
-               that load a package in the process that compiled it
+               that load a package in the process that compiled it; test_gpu.py and the other
+               files in two runs side by side (TEST_PARTS); one past its time is interrupted, and
+               its report keeps the tests that ran
   load probe   in the background beside the tests: whether an AOTInductor package loads in a fresh
                process (scripts/aoti_load_probe.py): a two-layer MLP's packages, the small preset's
                decode.pt2 plainly, after warm-ups, without the package loader, and under a debugger
                (on the H200 every fresh load of a dbrx-aot CUDA package died of SIGSEGV inside
                AOTInductor's loader); the benches wait for all but the debugged load
-  bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
-               run fails, verify under a debugger
   slice        the real-width slice at each batch size, and at batch 1 with the Triton gather
                kernels (CUDA), int8 weights, sdpa and grouped prefill experts (slice_runs): aoti on
                random weights made on the device (``bench --random-weights``: no 15 GB checkpoint
-               written or read)
+               written or read); measured first, since batch 1's target is the one still open
+  bench        small preset: eager vs aoti, aoti with CUDA graphs on and off; where every aoti
+               run fails, verify under a debugger
   fresh-process tests
                pytest -m "gpu and fresh_process": the CLI and the server in processes that did not
                compile their package; last, after the figures, because on the H200 each such
@@ -34,9 +36,10 @@ network. Stages, each timed as it goes; a stage that fails is recorded and the n
   load probe under the debugger
                its outcome, waited for last (a debugged load may take minutes)
 
-``--out`` receives five files: summary.md, summary.json, pytest.xml, pytest-fresh-process.xml and
-log.txt (every command's output). Checkpoints and artifacts go to ``--work``. ``--deadline`` bounds
-the whole run: each stage gets what is left, so the summary is written even when something hangs.
+``--out`` receives six files: summary.md, summary.json, pytest.xml, pytest-other-files.xml,
+pytest-fresh-process.xml and log.txt (every command's output). Checkpoints and artifacts go to
+``--work``. ``--deadline`` bounds the whole run: each stage gets what is left, so the summary is
+written even when something hangs.
 """
 
 from __future__ import annotations
@@ -145,6 +148,11 @@ TEST_ARTIFACTS_ENV = "DBRX_AOT_TEST_CUDA_ARTIFACTS"
 # A pytest run past its time is interrupted (SIGINT) this long before it is killed: it then writes its
 # report of the tests that ran (a killed one writes none: the third H200 run's fresh-process tests).
 PYTEST_INTERRUPT_S = 20
+# The GPU tests in two pytest runs side by side (their JUnit XML's name -> what each collects): test_gpu.py
+# compiles CUDA artifacts for minutes, and the other files' GPU tests (the Triton kernels', each autotuned
+# as it first runs) need none of them. The fresh-process tests are all in test_gpu.py.
+TEST_PARTS = {"pytest.xml": ["tests/test_gpu.py"], "pytest-other-files.xml": ["tests", "--ignore=tests/test_gpu.py"]}
+FRESH_PROCESS_PARTS = {"pytest-fresh-process.xml": ["tests/test_gpu.py"]}
 
 
 class SliceRun(NamedTuple):
@@ -227,9 +235,9 @@ class Check:
         self.bench_export: concurrent.futures.Future | None = None
         self.background = concurrent.futures.ThreadPoolExecutor(len(slice_runs(self.plan)) + 1)  # runs them
         # A COMPILE_HERE slice measures holding its turn's lock file (aoti_load_probe.py run --lock). This
-        # script holds every turn from the start (main()) and hands them out one by one once its own
-        # benches are done, in slice_runs' order (slice_stage): no two measurements overlap, and a
-        # deadline cuts the last slices, not the first.
+        # script holds every turn from the start (main()) and hands them out one by one after the tests,
+        # the slices' in slice_runs' order (slice_stage), then the small preset's (bench_stage): no two
+        # measurements overlap, and a deadline cuts the last, not the first.
         self.turns = {name: self.work / f"turn-{name}.lock"
                       for name in ["bench", *(slice_name(run) for run in slice_runs(self.plan))]}
         self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
@@ -463,27 +471,35 @@ class Check:
             raise StageFailed(text)
         return text + " (in the background, beside the tests)"
 
-    def tests_stage(self, marks: str = "gpu and not fresh_process", xml_name: str = "pytest.xml") -> str:
-        xml = self.out / xml_name
+    def tests_stage(self, marks: str = "gpu and not fresh_process", parts: dict[str, list[str]] = TEST_PARTS) -> str:
+        """pytest -m ``marks``, one run per part (its JUnit XML's name -> what it collects), side by side."""
         # A test module that cannot be imported there (another library version) must not stop the rest.
-        rc, out = self.run(f"tests ({marks})", [self.python, "-m", "pytest", "-m", marks, "-q", "-rs", "-p",
-                                                "no:cacheprovider", "--continue-on-collection-errors",
-                                                f"--junitxml={xml}", "tests"], 420,
-                           {TEST_ARTIFACTS_ENV: str(self.work / "test-artifacts")}, interrupt_s=PYTEST_INTERRUPT_S)
-        if not xml.is_file():
-            raise StageFailed(f"pytest wrote no report (exit {rc}): {last_line(out)}")
+        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+            done = {xml: pool.submit(self.run, f"tests ({marks}) {' '.join(files)}", [
+                self.python, "-m", "pytest", "-m", marks, "-q", "-rs", "-p", "no:cacheprovider",
+                "--continue-on-collection-errors", f"--junitxml={self.out / xml}", *files], 420,
+                {TEST_ARTIFACTS_ENV: str(self.work / "test-artifacts")}, interrupt_s=PYTEST_INTERRUPT_S)
+                for xml, files in parts.items()}
         seen = {t["name"] for t in self.tests}  # a module skipped at collection is in both runs' reports
-        tests = [t for t in read_junit(xml) if t["name"] not in seen]
+        tests, broke = [], []
+        for xml, future in done.items():
+            rc, out = future.result()
+            if not (self.out / xml).is_file():
+                broke.append(f"{' '.join(parts[xml])}: pytest wrote no report (exit {rc}): {last_line(out)}")
+                continue
+            tests += [t for t in read_junit(self.out / xml) if t["name"] not in seen]
+            end = out.rstrip().rsplit("\n", 1)[-1]
+            if end.startswith("(interrupted after"):  # its time ran out: the tests after these did not run
+                broke.append(f"{' '.join(parts[xml])}: pytest {end.strip('()')}, the rest did not run")
+            elif rc not in (0, 5):  # 5: no test there was chosen by the marks
+                broke.append(f"{' '.join(parts[xml])}: pytest exit {rc}")
         self.tests += tests
         counts: dict[str, int] = {}
         for t in tests:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         text = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests collected"
-        end = out.rstrip().rsplit("\n", 1)[-1]
-        if end.startswith("(interrupted after"):  # its time ran out: the tests after these did not run
-            raise StageFailed(f"{text} (pytest {end.strip('()')}: the rest did not run)")
-        if rc or not tests:
-            raise StageFailed(f"{text} (pytest exit {rc})")
+        if broke or not tests:
+            raise StageFailed("; ".join([text, *broke]))
         return text
 
     def load_probe(self, bench_export) -> dict[str, str]:
@@ -692,7 +708,7 @@ class Check:
 
     def bench_compiled_here(self) -> tuple[dict[str, dict], list[str]]:
         """The small preset's aoti benches, COMPILE_HERE: once its checkpoint is made, compiled beside
-        everything else, then measured (CUDA graphs on, then off) in its turn, the first."""
+        everything else, then measured (CUDA graphs on, then off) in its turn, after eager's."""
         if self.bench_export is not None:
             ok, _, why = self.bench_export.result()
             if not ok:
@@ -701,14 +717,16 @@ class Check:
         return self.benches_compiled_here("bench aoti", self.work / "bench-art",
                                           [(n, (*o, *lengths)) for n, o in runs[1:]], self.turns["bench"])
 
+    def wait_for_compiles(self) -> None:
+        """Until no COMPILE_HERE process compiles, or the deadline leaves no more time: decode without
+        CUDA graphs, eager's most, is bound by its kernel launches from the CPU."""
+        while self.compiling() and self.left() > 120:
+            time.sleep(1)
+
     def bench_stage(self) -> str:
         p = self.plan
         path = self.work / "bench-art"
-        # Eager decode is bound by its launches from the CPU: it is measured once nothing compiles
-        # beside it (COMPILE_HERE processes then wait for their turns), or when the deadline leaves no
-        # more time.
-        while self.compiling() and self.left() > 120:
-            time.sleep(1)
+        self.wait_for_compiles()
         beside = len(self.compiling())
         runs, lengths = self.bench_runs()
         # Three processes, so that one that fails (a CUDA graph capture, say) leaves the others' figures.
@@ -769,6 +787,7 @@ class Check:
         self.figures["slice"] = {"preset": p.slice_preset, "layers": p.slice_layers, "dtype": p.dtype}
         texts, failed = [], []
         if self.slices_here:
+            self.wait_for_compiles()
             for run in slice_runs(p):
                 name = slice_name(run)
                 self.hand_turn(name)
@@ -780,15 +799,8 @@ class Check:
             if failed:
                 raise StageFailed("; ".join(texts + failed))
             return "; ".join(texts)
-        # The small preset's aoti benches all failed: if the first slice fails too, the rest would
-        # fail alike, and the device minutes they would spend are better left for a rerun.
-        bench_runs = self.figures.get("bench", {}).get("runs")
-        aoti_failed = bench_runs is not None and not default_aoti_ran(bench_runs)
-        for i, run in enumerate(slice_runs(p)):
+        for run in slice_runs(p):
             name = slice_name(run)
-            if aoti_failed and i > 0 and not texts:
-                failed.append(f"slice {name}: not run (the small preset's aoti benches and the first slice failed)")
-                continue
             args = (self.work / f"slice-{name}", *self.slice_bench_options())
             try:
                 report = self.bench(f"slice {name}", *args)
@@ -853,15 +865,17 @@ class Check:
                 self.stage("load probe", self.load_probe_stage, probe)
             if jobs:
                 self.stage("exports", self.exports_stage, futures)
-        if "bench" in self.stages_chosen:
-            self.stage("bench", self.bench_stage)
+        # The slices first: batch 1's fraction of the copy bandwidth is the target still open (the small
+        # preset's were met in the third H200 run), and a deadline cuts what comes last.
         if "slice" in self.stages_chosen:
             self.stage("slice", self.slice_stage)
+        if "bench" in self.stages_chosen:
+            self.stage("bench", self.bench_stage)
         for name in list(self.held_turns):  # turns nobody was handed (a stage that broke): nothing waits on them
             self.hand_turn(name)
         self.background.shutdown(wait=False)
         if "tests" in self.stages_chosen:
-            self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", "pytest-fresh-process.xml")
+            self.stage("fresh-process tests", self.tests_stage, "gpu and fresh_process", FRESH_PROCESS_PARTS)
         if self.debugged_loads:
             self.stage("load probe under the debugger", self.debugged_load_stage)
         summary = self.summary()
@@ -1201,7 +1215,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=sorted(PLANS), default="cuda")
     parser.add_argument("--out", default="build/gpu-check",
-                        help="summary.md, summary.json, pytest.xml, pytest-fresh-process.xml, log.txt")
+                        help="summary.md, summary.json, pytest*.xml, log.txt")
     parser.add_argument("--work", default="build/gpu-check-work", help="checkpoints and artifacts")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--skip-install", action="store_true",

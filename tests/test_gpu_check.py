@@ -40,9 +40,9 @@ def test_make_gpu_check_dry_run_on_cpu(gpu_check_dry_run):
     assert proc.returncode == 0 and not failed, [s["name"] for s in failed]
     debugged = ["load probe under the debugger"] if summary["environment"]["debugger"] else []
     assert [s["name"] for s in summary["stages"]] == ["environment", "install", "imports", "tests", "load probe",
-                                                       "exports", "bench", "slice", "fresh-process tests", *debugged]
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest-fresh-process.xml", "pytest.xml",
-                                                     "summary.json", "summary.md"]
+                                                       "exports", "slice", "bench", "fresh-process tests", *debugged]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "pytest-fresh-process.xml", "pytest-other-files.xml",
+                                                     "pytest.xml", "summary.json", "summary.md"]
     # pytest -m gpu ran every GPU test, and each was skipped for want of a device.
     names = {t["name"] for t in summary["tests"]}
     assert "test_gpu::test_cuda_graphs_on_and_off_are_bit_identical[bfloat16-triton]" in names and len(names) >= 8
@@ -132,8 +132,9 @@ def test_a_pytest_run_past_its_time_is_interrupted_and_reports_the_tests_that_ra
     assert [(t["name"], t["outcome"]) for t in gpu_check.read_junit(xml)] == [("test_slow::test_quick", "passed")]
     check.run = lambda label, cmd, timeout, env=None, interrupt_s=0: (rc, out)  # the same run, as the tests stage's
     (check.out / "t.xml").write_bytes(xml.read_bytes())
-    with pytest.raises(gpu_check.StageFailed, match=r"^1 passed \(pytest interrupted after 15 s: the rest did not run\)$"):
-        check.tests_stage(xml_name="t.xml")
+    with pytest.raises(gpu_check.StageFailed, match=r"^1 passed; tests/test_gpu.py: pytest interrupted after 15 s, "
+                                                    r"the rest did not run$"):
+        check.tests_stage(parts={"t.xml": ["tests/test_gpu.py"]})
 
 
 def test_a_crashed_command_prints_its_stack_and_is_summed_up_by_the_line_that_says_why(tmp_path):
@@ -191,9 +192,9 @@ def test_the_fresh_process_tests_load_the_artifacts_the_first_pytest_run_compile
         return 0, ""
 
     check.run = fake_run
-    assert check.tests_stage() == "1 passed"
-    assert check.tests_stage("gpu and fresh_process", "pytest-fresh-process.xml") == "1 passed"
-    assert envs[0] == envs[1] == {gpu_check.TEST_ARTIFACTS_ENV: str(check.work / "test-artifacts")}
+    assert check.tests_stage() == "2 passed"  # test_gpu.py, and the other files beside it
+    assert check.tests_stage("gpu and fresh_process", gpu_check.FRESH_PROCESS_PARTS) == "1 passed"
+    assert envs[0] == envs[1] == envs[2] == {gpu_check.TEST_ARTIFACTS_ENV: str(check.work / "test-artifacts")}
 
 
 def test_targets_are_judged_on_cuda_only(tmp_path):
@@ -292,14 +293,6 @@ def test_when_every_aoti_bench_fails_verify_says_whether_the_package_runs_in_a_p
     assert [c[c.index("verify"):] for c in commands] == [
         ["verify", str(check.work / "bench-art"), "--runtime", "aoti", "--device", "cuda", "--steps", "8"]]
     assert check.stages[0]["detail"].endswith("died of SIGSEGV; verify aoti: passed")
-    # Then the slices: the first is tried (with and without CUDA graphs); when it fails too, the
-    # others are not run, leaving the device minutes for a rerun.
-    benched = []
-    check.bench = lambda label, path, *options: benched.append(label) or fake_bench(label, path, *options)
-    check.stage("slice", check.slice_stage)
-    assert benched == ["slice batch1", "slice batch1 without CUDA graphs"]
-    assert "slice batch8: not run (the small preset's aoti benches and the first slice failed)" in \
-        check.stages[1]["detail"]
 
 
 def test_slice_exports_on_cuda_take_turns_by_the_gpus_memory(tmp_path):
@@ -511,8 +504,8 @@ def test_where_a_fresh_process_cannot_load_a_package_the_aoti_commands_go_the_wa
     assert len(check.slices_here) == len(gpu_check.slice_runs(check.plan))
     concurrent.futures.wait([*check.slices_here.values(), check.bench_here])
     assert check.run_job("slice batch1", check.work / "slice-batch1", [["false"]])[2].startswith("not needed")
-    check.stage("bench", check.bench_stage)
     check.stage("slice", check.slice_stage)
+    check.stage("bench", check.bench_stage)
     assert all(s["ok"] for s in check.stages[1:]), check.stages
     assert set(check.figures["bench"]["runs"]) == {"eager", "aoti", "aoti_no_cuda_graphs"}
     here = [cmd for cmd, _ in commands if "aoti" in cmd]
