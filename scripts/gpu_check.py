@@ -177,6 +177,27 @@ def slice_runs(plan) -> list[SliceRun]:
             + [SliceRun(B, weights="int8"), SliceRun(B, attention="sdpa"), SliceRun(B, moe="grouped")])
 
 
+class OrderedSlots:
+    """At most ``n`` slices at once (each holds its weights on the GPU), let in by their index in
+    slice_runs: slice i starts once all but n - 1 of those before it have ended. A COMPILE_HERE
+    slice holds its slot until it has been measured, and they are measured in that order: let in
+    out of order, the first to be measured could wait for a slot that only its own turn frees."""
+
+    def __init__(self, n: int):
+        self.n, self.ended, self.changed = n, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self, index: int):
+        with self.changed:
+            self.changed.wait_for(lambda: index < self.n + self.ended)
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.ended += 1
+                self.changed.notify_all()
+
+
 def default_aoti_ran(runs: dict) -> bool:
     """Whether one of the small preset's aoti benches (CUDA graphs on or off) ran."""
     return bool({"aoti", "aoti_no_cuda_graphs"} & set(runs))
@@ -238,12 +259,13 @@ class Check:
         # script holds every turn from the start (main()) and hands them out one by one after the tests,
         # the slices' in slice_runs' order (slice_stage), then the small preset's (bench_stage): no two
         # measurements overlap, and a deadline cuts the last, not the first.
-        self.turns = {name: self.work / f"turn-{name}.lock"
-                      for name in ["bench", *(slice_name(run) for run in slice_runs(self.plan))]}
+        self.slice_names = [slice_name(run) for run in slice_runs(self.plan)]
+        self.turns = {name: self.work / f"turn-{name}.lock" for name in ["bench", *self.slice_names]}
         self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
-        self.slice_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))  # set by main()
+        self.slice_slots = OrderedSlots(len(slice_runs(self.plan)))  # set by main()
+        self.slices_slotted: set[str] = set()  # the COMPILE_HERE slices that got a slot (compiling, or done)
         # The slices' exports running (run(stoppable=True)), and whether COMPILE_HERE stopped them.
         self.stoppable: set[subprocess.Popen] = set()
         self.stoppable_lock = threading.Lock()
@@ -444,7 +466,8 @@ class Check:
         # unless that was decided already (--compile-here); a later decision to compile where measured stops it.
         if name != "bench artifact" and (self.forced_compile_here or self.slice_exports_stopped):
             return True, 0.0, f"not needed ({COMPILE_HERE})"
-        with self.slice_slots if name.startswith("slice ") else contextlib.nullcontext():
+        slot = self.slice_slots.slot(self.slice_names.index(name[len("slice "):])) if name.startswith("slice ") else None
+        with slot or contextlib.nullcontext():
             for cmd in commands:
                 rc, out = self.run(name, cmd, 480, env, stoppable=name != "bench artifact")
                 if rc and self.slice_exports_stopped:
@@ -694,8 +717,11 @@ class Check:
         return ("passed" if rc == 0 else f"exit {rc}: {last_line(out)}") + why
 
     def compiling(self) -> list[str]:
-        """The COMPILE_HERE processes still compiling (not yet waiting for their turn, nor ended)."""
-        here = {**self.slices_here, **({"bench": self.bench_here} if self.bench_here is not None else {})}
+        """The COMPILE_HERE processes still compiling (not yet waiting for their turn, nor ended). A
+        slice waiting for a slot is not: it gets one when a slice before it has been measured (an
+        80 GB H100 compiles 4 of the 6 at once), and waiting for it would wait for the deadline."""
+        here = {**{name: f for name, f in self.slices_here.items() if name in self.slices_slotted},
+                **({"bench": self.bench_here} if self.bench_here is not None else {})}
         return [name for name, f in here.items()
                 if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
 
@@ -779,7 +805,8 @@ class Check:
         then measured with CUDA graphs on and off, apart from every other measurement."""
         name, args = slice_name(run), self.slice_bench_options()
         runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
-        with self.slice_slots:
+        with self.slice_slots.slot(self.slice_names.index(name)):
+            self.slices_slotted.add(name)
             return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, self.turns[name])
 
     def slice_stage(self) -> str:
@@ -839,7 +866,7 @@ class Check:
         self.stage("imports", self.imports_stage)
         jobs = self.export_jobs()
         at_once = self.slice_exports_at_once()
-        self.slice_slots = threading.BoundedSemaphore(at_once)
+        self.slice_slots = OrderedSlots(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
         shutil.rmtree(self.work / "test-artifacts", ignore_errors=True)  # an earlier run's, compiled by other code

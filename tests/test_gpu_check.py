@@ -584,8 +584,10 @@ def test_slice_exports_start_at_once_and_stop_when_the_probe_decides_to_compile_
 
 def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path):
     """COMPILE_HERE slices compile side by side, but each measures only in its turn: this script holds
-    every turn's lock file until its own benches are done, then hands them out in slice_runs' order,
-    one after the slice before has ended (a deadline cuts the last, not the first)."""
+    every turn's lock file until the tests are done, then hands them out in slice_runs' order, one
+    after the slice before has ended (a deadline cuts the last, not the first). Where fewer fit on
+    the GPU at once than there are slices (an 80 GB H100), they start in that order too, and the
+    measuring waits for no slice still waiting for a slot (that one starts when one before it ends)."""
     check = make_check(tmp_path, "cuda")
     for name, path in check.turns.items():  # as main() does at the start
         check.held_turns[name] = path.open("a")
@@ -593,26 +595,31 @@ def test_slices_compiled_where_measured_measure_one_at_a_time_in_order(tmp_path)
     figures = {"prefill_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0, "decode_ms_p50": 1.0, "decode_ms_p90": 1.0,
                "decode_ms_per_layer": 0.5, "decode_bytes_per_step": 1e9, "fraction_of_bandwidth_limit": 0.5,
                "decode_moe": "gather", "cuda_graphs": True}
-    measured = []
+    compiled, measured = [], []
 
-    def slice_process(name: str):  # `aoti_load_probe.py run --lock TURN`: compiled, it waits for its turn
+    def slice_process(label, path, runs, turn):  # `aoti_load_probe.py run --lock TURN`: compiles, waits for its turn
+        compiled.append(label)
         time.sleep(0.1)  # compiling
-        check.turns[name].with_suffix(".waiting").touch()
-        with check.turns[name].open("a") as turn:
-            fcntl.flock(turn, fcntl.LOCK_EX)
-            measured.append(name)
+        turn.with_suffix(".waiting").touch()
+        with turn.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            measured.append(label)
             time.sleep(0.05)
-        return {"aoti": {"copy_bandwidth_gb_s": 2.0, "results": {"aoti": figures}}}, []
+        return {name: {"copy_bandwidth_gb_s": 2.0, "results": {"aoti": figures}} for name, _ in runs}, []
 
-    names = [name for name in check.turns if name != "bench"]  # the small preset's turn: bench_stage's
-    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        started = {name: pool.submit(slice_process, name) for name in reversed(names)}
-        check.slices_here = {name: started[name] for name in names}
-        assert check.compiling() == names  # the small preset's benches wait for these (bench_stage)
+    check.benches_compiled_here, check.slice_slots = slice_process, gpu_check.OrderedSlots(2)
+    runs = gpu_check.slice_runs(check.plan)
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        started = {gpu_check.slice_name(run): pool.submit(check.slice_compiled_here, run) for run in reversed(runs)}
+        check.slices_here = {name: started[name] for name in check.slice_names}
         time.sleep(0.5)
-        assert measured == [] and check.compiling() == []  # all compiled, none measures before its turn
+        assert measured == [] and check.compiling() == []  # two compiled, none measures before its turn
+        t = time.monotonic()
         check.stage("slice", check.slice_stage)
-    assert measured == names and set(check.held_turns) == {"bench"} and check.stages[-1]["ok"], check.stages[-1]
+        assert time.monotonic() - t < 10 and check.stages[-1]["ok"], check.stages[-1]
+    labels = [f"slice {name}" for name in check.slice_names]
+    assert measured == labels and set(check.held_turns) == {"bench"}
+    assert sorted(compiled[:2]) == sorted(labels[:2]) and compiled[2:] == labels[2:]  # two at once, in order
 
 
 def test_the_probe_runs_several_cli_commands_in_one_process_and_stops_at_the_first_that_fails(tmp_path):
