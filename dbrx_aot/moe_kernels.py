@@ -68,16 +68,21 @@ if triton is not None:
     # The shapes are compile-time constants (one model, one compile per shape): fixed trip counts for
     # the compiler, and loop bounds that Triton's interpreter takes as Python ints (triton 3.6's cannot
     # turn a runtime scalar into one under numpy 2.4).
-    # The slot is the grid's last axis, launched last: a slot's row (column) blocks all run before the
-    # next slot's. AOTInductor autotunes on generated inputs, whose idx is all zeros (every slot reads
-    # expert 0): with the slot first, the k slots reading the same rows would run side by side, from
-    # L2, and the tuner would time a quarter of a real step's DRAM reads.
+    # One grid axis (no 65535 limit on slots), the slot its slowest part. AOTInductor autotunes on
+    # generated inputs, whose idx is all zeros: every slot reads expert 0. Programs of the k slots of a
+    # token that run at the same time would then read the same rows, from L2, and the tuner would time
+    # a quarter of a real step's DRAM reads. So slot j of a token walks its rows from j/k of the way
+    # in: rowdot hands its row blocks round by that much (each output row is still one program's
+    # whole sum: the same result), coldot starts its loop down the rows there (a fixed order per slot).
     def _rowdot(x_ptr, idx_ptr, w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                 ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        slot = tl.program_id(1)                                         # n * K + j
+        BLOCKS: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
+        pid = tl.program_id(0)
+        slot = pid // BLOCKS                                            # n * K + j
         n = slot // K
         e = tl.load(idx_ptr + slot).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        block = (pid % BLOCKS + (slot % K) * (BLOCKS // K)) % BLOCKS
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         w_rows = w_ptr + e * R * C + rows.to(tl.int64)[:, None] * C     # [BLOCK_R, 1]
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -89,15 +94,21 @@ if triton is not None:
             acc += (wv.to(tl.float32) - ZERO) * xv[None, :]             # x is 0 where masked
         tl.store(out_ptr + slot * R + rows, tl.sum(acc, axis=1), mask=row_ok)
 
-    def _coldot(a_ptr, idx_ptr, w_ptr, part_ptr, SLOTS, R: tl.constexpr, C: tl.constexpr,
+    def _coldot(a_ptr, idx_ptr, w_ptr, part_ptr, SLOTS, R: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                 ROWS_PER_SPLIT: tl.constexpr, ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        slot = tl.program_id(2)
-        split = tl.program_id(1)
+        COLUMN_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+        SPLITS: tl.constexpr = (R + ROWS_PER_SPLIT - 1) // ROWS_PER_SPLIT
+        STEPS: tl.constexpr = ROWS_PER_SPLIT // BLOCK_R                 # BLOCK_R divides it
+        pid = tl.program_id(0)
+        slot = pid // (COLUMN_BLOCKS * SPLITS)
+        split = pid // COLUMN_BLOCKS % SPLITS
         e = tl.load(idx_ptr + slot).to(tl.int64)
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols = pid % COLUMN_BLOCKS * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
+        first = (slot % K) * (STEPS // K)
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
+        for step in range(0, STEPS):
+            r0 = (step + first) % STEPS * BLOCK_R
             rows = split * ROWS_PER_SPLIT + r0 + tl.arange(0, BLOCK_R)
             row_ok = rows < R
             av = tl.load(a_ptr + slot * R + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -138,7 +149,7 @@ if triton is not None:
         (N, k), (_, R, C) = idx.shape, w.shape
         x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
         out = torch.empty(N, k, R, dtype=torch.float32, device=x.device)
-        _launchable(_rowdot_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), N * k)](
+        _launchable(_rowdot_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]) * N * k,)](
             x, idx, w, out, R=R, C=C, K=k, ZERO=zero_point, **_fixed(ROWDOT_CONFIGS))
         return out
 
@@ -151,6 +162,6 @@ if triton is not None:
         a, idx, w = a.contiguous(), idx.contiguous(), w.contiguous()
         splits, rows = coldot_split(N * k, R, C)
         part = torch.empty(splits, N, k, C, dtype=torch.float32, device=a.device)
-        _launchable(_coldot_kernel)[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), splits, N * k)](
-            a, idx, w, part, N * k, R=R, C=C, ROWS_PER_SPLIT=rows, ZERO=zero_point, **_fixed(COLDOT_CONFIGS))
+        _launchable(_coldot_kernel)[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * splits * N * k,)](
+            a, idx, w, part, N * k, R=R, C=C, K=k, ROWS_PER_SPLIT=rows, ZERO=zero_point, **_fixed(COLDOT_CONFIGS))
         return part.sum(0)

@@ -153,7 +153,7 @@ def test_kernels_compile_for_hopper_without_spilling_registers(tmp_path):
     _, rows_per_split = moe_kernels.coldot_split(4, shape["R"], shape["C"])
     kernels = [(moe_kernels._rowdot, moe_kernels.ROWDOT_CONFIGS, {**shape, "K": 4},
                 {"x_ptr": "*bf16", **pointers, "out_ptr": "*fp32"}),
-               (moe_kernels._coldot, moe_kernels.COLDOT_CONFIGS, {**shape, "ROWS_PER_SPLIT": rows_per_split},
+               (moe_kernels._coldot, moe_kernels.COLDOT_CONFIGS, {**shape, "K": 4, "ROWS_PER_SPLIT": rows_per_split},
                 {"a_ptr": "*bf16", **pointers, "part_ptr": "*fp32", "SLOTS": "i32"})]
     for fn, table, constants, args in kernels:
         params = list(inspect.signature(fn).parameters)
