@@ -178,10 +178,11 @@ def slice_runs(plan) -> list[SliceRun]:
 
 
 class OrderedSlots:
-    """At most ``n`` slices at once (each holds its weights on the GPU), let in by their index in
-    slice_runs: slice i starts once all but n - 1 of those before it have ended. A COMPILE_HERE
-    slice holds its slot until it has been measured, and they are measured in that order: let in
-    out of order, the first to be measured could wait for a slot that only its own turn frees."""
+    """At most ``n`` COMPILE_HERE slices at once (each holds its weights on the GPU), let in by their
+    index in slice_runs: slice i starts once all but n - 1 of those before it have ended. Each holds
+    its slot until it has been measured, and they are measured in that order: let in out of order,
+    the first to be measured could wait for a slot that only its own turn frees. Every slice asks
+    for its slot (slice_compiled_here), so the count of those ended reaches each index in turn."""
 
     def __init__(self, n: int):
         self.n, self.ended, self.changed = n, 0, threading.Condition()
@@ -264,8 +265,11 @@ class Check:
         self.held_turns: dict[str, object] = {}  # name -> the open, locked file (main())
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
-        self.slice_slots = OrderedSlots(len(slice_runs(self.plan)))  # set by main()
-        self.slices_slotted: set[str] = set()  # the COMPILE_HERE slices that got a slot (compiling, or done)
+        # As many slices at once as the GPU holds (set by main()): their exports (export_slots) and, apart,
+        # the COMPILE_HERE slices (slice_slots: let in in their measuring order) and those let in.
+        self.export_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))
+        self.slice_slots = OrderedSlots(len(slice_runs(self.plan)))
+        self.slices_slotted: set[str] = set()
         # The slices' exports running (run(stoppable=True)), and whether COMPILE_HERE stopped them.
         self.stoppable: set[subprocess.Popen] = set()
         self.stoppable_lock = threading.Lock()
@@ -291,7 +295,8 @@ class Check:
         ``stoppable``: a slice's export, which a decision to compile where measured stops
         (``stop_slice_exports``). ``interrupt_s``: on timeout, the command is first sent SIGINT and
         given that long to end (pytest then writes its report of the tests that ran; a kill leaves
-        none), within the same deadline."""
+        none), within the same deadline (a quarter of the time left, at most)."""
+        interrupt_s = min(interrupt_s, max(0.0, self.left() / 4))
         timeout = max(1.0, min(timeout, self.left() - interrupt_s))
         # faulthandler: a process that crashes in compiled code prints its Python stack into the log.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
@@ -312,15 +317,16 @@ class Check:
             output = None
             if interrupt_s:
                 proc.send_signal(signal.SIGINT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                with contextlib.suppress(subprocess.TimeoutExpired):  # reading its output meanwhile
                     output, _ = proc.communicate(timeout=interrupt_s)
+            # Whether it ended (a process it started may still hold its output open).
+            interrupted = bool(interrupt_s) and proc.poll() is not None
             with contextlib.suppress(ProcessLookupError):  # it ended, and nothing it started is left
                 os.killpg(proc.pid, signal.SIGKILL)
-            how = "killed" if output is None else "interrupted"
             if output is None:
                 output, _ = proc.communicate()
-            output += f"\n({how} after {timeout:.0f} s)"
-            rc = -9 if how == "killed" else proc.returncode
+            output += f"\n({'interrupted' if interrupted else 'killed'} after {timeout:.0f} s)"
+            rc = proc.returncode if interrupted else -9
         finally:
             with self.stoppable_lock:
                 self.stoppable.discard(proc)
@@ -466,8 +472,7 @@ class Check:
         # unless that was decided already (--compile-here); a later decision to compile where measured stops it.
         if name != "bench artifact" and (self.forced_compile_here or self.slice_exports_stopped):
             return True, 0.0, f"not needed ({COMPILE_HERE})"
-        slot = self.slice_slots.slot(self.slice_names.index(name[len("slice "):])) if name.startswith("slice ") else None
-        with slot or contextlib.nullcontext():
+        with self.export_slots if name.startswith("slice ") else contextlib.nullcontext():
             for cmd in commands:
                 rc, out = self.run(name, cmd, 480, env, stoppable=name != "bench artifact")
                 if rc and self.slice_exports_stopped:
@@ -496,6 +501,8 @@ class Check:
 
     def tests_stage(self, marks: str = "gpu and not fresh_process", parts: dict[str, list[str]] = TEST_PARTS) -> str:
         """pytest -m ``marks``, one run per part (its JUnit XML's name -> what it collects), side by side."""
+        for xml in parts:
+            (self.out / xml).unlink(missing_ok=True)  # an earlier run's, in a reused --out
         # A test module that cannot be imported there (another library version) must not stop the rest.
         with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
             done = {xml: pool.submit(self.run, f"tests ({marks}) {' '.join(files)}", [
@@ -866,7 +873,7 @@ class Check:
         self.stage("imports", self.imports_stage)
         jobs = self.export_jobs()
         at_once = self.slice_exports_at_once()
-        self.slice_slots = OrderedSlots(at_once)
+        self.export_slots, self.slice_slots = threading.BoundedSemaphore(at_once), OrderedSlots(at_once)
         if at_once < len(slice_runs(self.plan)) and any(name.startswith("slice ") for name in jobs):
             self.say(f"slice exports {at_once} at a time (each holds its weights on the GPU while it compiles)")
         shutil.rmtree(self.work / "test-artifacts", ignore_errors=True)  # an earlier run's, compiled by other code

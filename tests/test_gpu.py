@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.gpu,
 def cuda_artifact(tiny_checkpoint, tmp_path_factory):
     """(dtype, --moe-kernel) -> an aoti artifact exported with --device cuda (batch 2: its decode graph
     gathers the experts), built on first use. Under the GPU check they are kept in the folder that
-    its TEST_ARTIFACTS_ENV names, so that its second pytest run (the fresh-process tests) loads the
+    its TEST_ARTIFACTS_ENV names, so that its last pytest run (the fresh-process tests) loads the
     first run's instead of compiling them again."""
     from dbrx_aot.export import export_artifact
 

@@ -118,22 +118,31 @@ def test_a_command_past_the_deadline_is_killed(tmp_path):
 
 
 def test_a_pytest_run_past_its_time_is_interrupted_and_reports_the_tests_that_ran(tmp_path):
-    """Killed, pytest writes no report: the tests that passed before the deadline would be lost."""
+    """Killed, pytest writes no report: the tests that passed before the deadline would be lost. Its
+    end is its own, not the end of its output: a process it started (a compile worker) may hold that
+    open (here a `sleep`)."""
     check = make_check(tmp_path)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
-                                           "def test_slow():\n    time.sleep(120)\n")
+    (tmp_path / "test_slow.py").write_text("import subprocess, time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_slow():\n    subprocess.Popen(['sleep', '60'])\n"
+                                           "    time.sleep(120)\n")
     xml = tmp_path / "r.xml"
     started = time.monotonic()
-    rc, out = check.run("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+    rc, out = check.run("tests", [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-c",
                                   str(tmp_path / "pytest.ini"), f"--junitxml={xml}", str(tmp_path / "test_slow.py")],
-                        timeout=15, interrupt_s=30)
-    assert "interrupted after 15 s" in out and rc == 2 and time.monotonic() - started < 40, out  # 2: interrupted
+                        timeout=10, interrupt_s=8)
+    assert "interrupted after 10 s" in out and rc == 2 and time.monotonic() - started < 25, out  # 2: interrupted
     assert [(t["name"], t["outcome"]) for t in gpu_check.read_junit(xml)] == [("test_slow::test_quick", "passed")]
-    check.run = lambda label, cmd, timeout, env=None, interrupt_s=0: (rc, out)  # the same run, as the tests stage's
-    (check.out / "t.xml").write_bytes(xml.read_bytes())
-    with pytest.raises(gpu_check.StageFailed, match=r"^1 passed; tests/test_gpu.py: pytest interrupted after 15 s, "
+    def the_same_run(label, cmd, timeout, env=None, interrupt_s=0):  # as the tests stage's
+        (check.out / "t.xml").write_bytes(xml.read_bytes())
+        return rc, out
+
+    check.run = the_same_run
+    with pytest.raises(gpu_check.StageFailed, match=r"^1 passed; tests/test_gpu.py: pytest interrupted after 10 s, "
                                                     r"the rest did not run$"):
+        check.tests_stage(parts={"t.xml": ["tests/test_gpu.py"]})
+    check.run = lambda label, cmd, timeout, env=None, interrupt_s=0: (1, "ImportError: no module named x")
+    with pytest.raises(gpu_check.StageFailed, match="pytest wrote no report"):  # the earlier run's is not read
         check.tests_stage(parts={"t.xml": ["tests/test_gpu.py"]})
 
 
@@ -181,8 +190,8 @@ def test_junit_outcomes(tmp_path):
 
 
 def test_the_fresh_process_tests_load_the_artifacts_the_first_pytest_run_compiled(tmp_path):
-    """Both pytest runs name one folder for the GPU tests' CUDA artifacts (tests/test_gpu.py's
-    cuda_artifact keeps them there), so the second run, at the end of the check, compiles nothing."""
+    """Every pytest run names one folder for the GPU tests' CUDA artifacts (tests/test_gpu.py's
+    cuda_artifact keeps them there), so the last, the fresh-process tests', compiles nothing."""
     check, envs = make_check(tmp_path, "cuda"), []
 
     def fake_run(label, cmd, timeout, env=None, stoppable=False, interrupt_s=0):
