@@ -187,10 +187,13 @@ class OrderedSlots:
     def __init__(self, n: int):
         self.n, self.ended, self.changed = n, 0, threading.Condition()
 
+    def admits(self, index: int) -> bool:
+        return index < self.n + self.ended
+
     @contextlib.contextmanager
     def slot(self, index: int):
         with self.changed:
-            self.changed.wait_for(lambda: index < self.n + self.ended)
+            self.changed.wait_for(lambda: self.admits(index))
         try:
             yield
         finally:
@@ -266,10 +269,9 @@ class Check:
         self.jobs: dict[str, tuple[Path, list[list[str]]]] = {}  # the exports (main()), for compile_here
         self.debugged_loads: dict[str, concurrent.futures.Future] = {}  # the load probe's, under the debugger
         # As many slices at once as the GPU holds (set by main()): their exports (export_slots) and, apart,
-        # the COMPILE_HERE slices (slice_slots: let in in their measuring order) and those let in.
+        # the COMPILE_HERE slices (slice_slots: let in in their measuring order).
         self.export_slots = threading.BoundedSemaphore(len(slice_runs(self.plan)))
         self.slice_slots = OrderedSlots(len(slice_runs(self.plan)))
-        self.slices_slotted: set[str] = set()
         # The slices' exports running (run(stoppable=True)), and whether COMPILE_HERE stopped them.
         self.stoppable: set[subprocess.Popen] = set()
         self.stoppable_lock = threading.Lock()
@@ -514,15 +516,16 @@ class Check:
         tests, broke = [], []
         for xml, future in done.items():
             rc, out = future.result()
+            where = " ".join(parts[xml])
             if not (self.out / xml).is_file():
-                broke.append(f"{' '.join(parts[xml])}: pytest wrote no report (exit {rc}): {last_line(out)}")
+                broke.append(f"{where}: pytest wrote no report (exit {rc}): {last_line(out)}")
                 continue
             tests += [t for t in read_junit(self.out / xml) if t["name"] not in seen]
             end = out.rstrip().rsplit("\n", 1)[-1]
             if end.startswith("(interrupted after"):  # its time ran out: the tests after these did not run
-                broke.append(f"{' '.join(parts[xml])}: pytest {end.strip('()')}, the rest did not run")
+                broke.append(f"{where}: pytest {end.strip('()')}, the rest did not run")
             elif rc not in (0, 5):  # 5: no test there was chosen by the marks
-                broke.append(f"{' '.join(parts[xml])}: pytest exit {rc}")
+                broke.append(f"{where}: pytest exit {rc}")
         self.tests += tests
         counts: dict[str, int] = {}
         for t in tests:
@@ -727,7 +730,8 @@ class Check:
         """The COMPILE_HERE processes still compiling (not yet waiting for their turn, nor ended). A
         slice waiting for a slot is not: it gets one when a slice before it has been measured (an
         80 GB H100 compiles 4 of the 6 at once), and waiting for it would wait for the deadline."""
-        here = {**{name: f for name, f in self.slices_here.items() if name in self.slices_slotted},
+        here = {**{name: f for name, f in self.slices_here.items()
+                   if self.slice_slots.admits(self.slice_names.index(name))},
                 **({"bench": self.bench_here} if self.bench_here is not None else {})}
         return [name for name, f in here.items()
                 if not f.done() and not self.turns[name].with_suffix(".waiting").exists()]
@@ -813,7 +817,6 @@ class Check:
         name, args = slice_name(run), self.slice_bench_options()
         runs = [("aoti", args)] + [("aoti_no_cuda_graphs", (*args, "--no-cuda-graphs"))] * (self.device == "cuda")
         with self.slice_slots.slot(self.slice_names.index(name)):
-            self.slices_slotted.add(name)
             return self.benches_compiled_here(f"slice {name}", self.work / f"slice-{name}", runs, self.turns[name])
 
     def slice_stage(self) -> str:

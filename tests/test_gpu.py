@@ -177,14 +177,14 @@ def test_cuda_aoti_artifact_runs_in_processes_that_did_not_compile_it(cuda_artif
     assert set(outcomes.values()) == {"ok"}, f"{outcomes}\n" + "\n".join(failures)
 
 
-def texts_generated_alone(path: Path, asks: list[tuple[list[int], int]], device: str = "cuda") -> list[str]:
+def texts_generated_alone(path: Path, asks: list[tuple[list[int], int]]) -> list[str]:
     """Each (prompt, max tokens)'s greedy text from the aoti runtime alone (serve_process.reference_text),
     computed in a process of its own: a fresh-process test must not load a package in pytest's process
     (where a fresh process cannot load one, it would die, and the run's report with it)."""
     code = ("import json, sys\nimport dbrx_aot\nfrom serve_process import reference_text\n"
-            "rt = dbrx_aot.load_runtime(sys.argv[1], 'aoti', device=sys.argv[2], progress=False)\n"
-            "print(json.dumps([reference_text(rt, p, n) for p, n in json.loads(sys.argv[3])]))\n")
-    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path), device, json.dumps(asks)],
+            "rt = dbrx_aot.load_runtime(sys.argv[1], 'aoti', device='cuda', progress=False)\n"
+            "print(json.dumps([reference_text(rt, p, n) for p, n in json.loads(sys.argv[2])]))\n")
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path), json.dumps(asks)],
                           capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent)
     assert done.returncode == 0, f"generate alone: exit {done.returncode}\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.splitlines()[-1])

@@ -133,6 +133,7 @@ def test_a_pytest_run_past_its_time_is_interrupted_and_reports_the_tests_that_ra
                         timeout=10, interrupt_s=8)
     assert "interrupted after 10 s" in out and rc == 2 and time.monotonic() - started < 25, out  # 2: interrupted
     assert [(t["name"], t["outcome"]) for t in gpu_check.read_junit(xml)] == [("test_slow::test_quick", "passed")]
+
     def the_same_run(label, cmd, timeout, env=None, interrupt_s=0):  # as the tests stage's
         (check.out / "t.xml").write_bytes(xml.read_bytes())
         return rc, out
