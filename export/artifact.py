@@ -22,7 +22,7 @@ from dbrx_aot.checkpoint import checkpoint_shards, hub_to_graph_keys, iter_store
 from dbrx_aot.config import DbrxConfig, check_static_shapes, parse_dtype
 from dbrx_aot.errors import DbrxAotError
 from dbrx_aot.manifest import FORMAT_VERSION, WEIGHTS_DIR, Manifest, sha256_file
-from dbrx_aot.export.trace import (GRAPHS, GraphSpec, attention_extents, empty_model, io_description,
+from dbrx_aot.export.trace import (GRAPHS, GraphSpec, attention_extents, empty_model, io_description, release_traces,
                                    resolve_attention, resolve_moe_kernel, stage)
 from dbrx_aot.model import project_ops, resolve_moe_mode
 from dbrx_aot.quantize import check_weights_format, stored_names
@@ -201,6 +201,7 @@ def export_artifact(checkpoint: Path | None, out: Path, *, formats="aoti", devic
         raise
     finally:
         bar.close()
+        release_traces()
     sizes = {rel: info["bytes"] for rel, info in files.items()}
     log.info("exported %s (%s), %.1f MB", out, ", ".join(formats), sum(sizes.values()) / 1e6)
     return ExportReport(out, timings, sizes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import time
@@ -163,3 +164,16 @@ def export_program(model: DbrxModel, spec: GraphSpec, batch_size: int, max_seq_l
     args = example_inputs(model.config, spec, batch_size, max_seq_len, param.dtype, param.device, model.tp)
     with torch_deprecations_hidden():
         return torch.export.export(step, args, strict=False)
+
+
+def release_traces() -> None:
+    """Let go of the model torch.export traced last. torch.export keeps that trace's nodes in a map of
+    its own (torch 2.11, 2.13: ``proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT``, read only while
+    an export runs) and, through them, the module and its weights: on CUDA, where the empty model's
+    storage is real, an export followed by a load in the same process held the weights twice. Not
+    released: a CPU fp32 prefill graph's (its torch.cond branches are kept by Dynamo's cache), whose
+    CPU storage is never touched and costs no memory."""
+    from torch.fx.experimental import proxy_tensor
+
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
+    gc.collect()  # the trace's module and tensors are held in reference cycles

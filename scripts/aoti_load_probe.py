@@ -258,20 +258,12 @@ def run_cli(argv: list[str], lock: Path | None = None) -> int:
             commands[-1].append(arg)
     for command in filter(None, commands):
         if lock is not None and "bench" in command[:2]:
-            import gc
-
             import torch
-            from torch.fx.experimental import proxy_tensor
 
-            # torch.export keeps the nodes it last traced in a map of its own (torch 2.11, 2.13), and
-            # through them the exported module and its weights: a slice's 15.5 GB on the GPU, held
-            # while this process waits and then measures (the in-process benches' peak memory counted
-            # them). Cleared, they go (checked on CPU, bf16; a graph with torch.cond is held elsewhere
-            # too, by Dynamo's compiled cond; CUDA graphs have none).
-            getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
-            gc.collect()  # the export's module and weights, should a reference cycle still hold them
             if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # waiting, it holds none of the GPU memory its export left cached
+                # The export before let go of its model (export's release_traces: a slice's 15.5 GB);
+                # what the allocator still caches goes back to the device while this process waits.
+                torch.cuda.empty_cache()
             lock.with_suffix(".waiting").touch()  # what came before is done (the GPU check waits for this)
             held = lock.open("a")
             fcntl.flock(held, fcntl.LOCK_EX)  # released when this process ends

@@ -110,16 +110,33 @@ def test_typical_kl_sets_aside_the_near_ties():
     assert three["typical_kl"] > 1e-4 and three["top1_agreement"] == 1.0
 
 
-def test_bf16_aoti_artifact_with_grouped_experts_passes_verify(tiny_checkpoint, tmp_path):
+def test_bf16_aoti_artifact_with_grouped_experts_passes_verify_and_its_export_keeps_no_weights(
+        tiny_checkpoint, tmp_path, monkeypatch):
     """--moe grouped (bf16, aoti): torch._grouped_mm inside both AOTInductor packages; the manifest
-    records the forms and the eager runtime on the artifact runs the same ones."""
+    records the forms and the eager runtime on the artifact runs the same ones. The export lets go
+    of the model it traced (export.trace.release_traces: on CUDA its storage is real, and a load in
+    the same process would hold the weights twice)."""
+    import gc
     import json
+    import weakref
 
     import dbrx_aot
+    import dbrx_aot.export.artifact
     from dbrx_aot.export import export_artifact
 
+    traced = []
+
+    def empty_model(*args, **kwargs):
+        model = empty_model_of_export(*args, **kwargs)
+        traced.extend(weakref.ref(p) for p in model.parameters())
+        return model
+
+    empty_model_of_export = dbrx_aot.export.artifact.empty_model
+    monkeypatch.setattr(dbrx_aot.export.artifact, "empty_model", empty_model)
     path = export_artifact(tiny_checkpoint, tmp_path / "grouped", formats="aoti", dtype="bfloat16", moe="grouped",
                            max_seq_len=64, prefill_chunk=8, progress=False).path
+    gc.collect()
+    assert traced and [ref for ref in traced if ref() is not None] == []
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["moe_modes"] == {"prefill": "grouped", "decode": "grouped"}
     # torch._grouped_mm, compiled in: no project op (before torch 2.12 AOTInductor has no shim for it)
