@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,36 @@ def replace_config(config: DbrxConfig, **changes) -> DbrxConfig:
 ARTIFACT_SHAPES = dict(batch_size=2, max_seq_len=64, prefill_chunk=8)
 ARTIFACT_FORMATS = "aoti,onnx"
 
+# An export compiles on one core (97% of one of this machine's two: Inductor runs its C++ compiler on
+# one file at a time), and the session fixtures' exports are the suite's longest minutes.
+EXPORT_LANES = 2
+EXPORT_LANE = """
+import json, sys
+from dbrx_aot.export import export_artifact
+for job in json.loads(sys.argv[1]):
+    export_artifact(**job, progress=False)
+"""
+
+
+def export_side_by_side(checkpoint: Path, root: Path, builds: dict[str, dict]) -> dict[str, Path]:
+    """``export_artifact(checkpoint, root / name, **options)`` for each build, in EXPORT_LANES processes
+    side by side, builds dealt to them in turn. Each lane has an Inductor cache of its own: within one
+    cache, export.aoti.compile_lock lets one process compile at a time."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    names = list(builds)
+    lanes = []
+    for lane in range(EXPORT_LANES):
+        jobs = [dict(checkpoint=str(checkpoint), out=str(root / name), **builds[name])
+                for name in names[lane::EXPORT_LANES]]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir(), f"dbrx-aot-tests-lane-{lane}")}
+        lanes.append(subprocess.Popen([sys.executable, "-c", EXPORT_LANE, json.dumps(jobs)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=1200)[0] for proc in lanes]
+    for proc, out in zip(lanes, outputs):
+        assert proc.returncode == 0, f"export lane {proc.args[-1]}: exit {proc.returncode}\n{out[-4000:]}"
+    return {name: root / name for name in names}
+
 
 @pytest.fixture(scope="session")
 def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
@@ -90,12 +121,10 @@ def artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     through BLAS, the narrower formats' batch-1 artifacts through model.rowdot: weight_artifacts);
     the others have batch 2 (ragged batches).
     """
-    from dbrx_aot.export import export_artifact
-
-    root = tmp_path_factory.mktemp("artifacts")
-    return {moe: export_artifact(tiny_checkpoint, root / moe, formats=ARTIFACT_FORMATS, moe=moe, progress=False,
-                                 **{**ARTIFACT_SHAPES, "batch_size": 1 if moe == "gather" else 2}).path
-            for moe in ("dense", "gather", "auto")}
+    return export_side_by_side(tiny_checkpoint, tmp_path_factory.mktemp("artifacts"),
+                               {moe: dict(formats=ARTIFACT_FORMATS, moe=moe,
+                                          **{**ARTIFACT_SHAPES, "batch_size": 1 if moe == "gather" else 2})
+                                for moe in ("dense", "gather", "auto")})
 
 
 @dataclasses.dataclass
@@ -129,12 +158,10 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def half_artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """The tiny preset exported in bf16 and in fp16, both formats (the released weights are bf16)."""
-    from dbrx_aot.export import export_artifact
-
-    root = tmp_path_factory.mktemp("half")
-    return {dtype: export_artifact(tiny_checkpoint, root / dtype, formats=ARTIFACT_FORMATS, dtype=dtype,
-                                   batch_size=1, max_seq_len=64, prefill_chunk=8, progress=False).path
-            for dtype in ("bfloat16", "float16")}
+    return export_side_by_side(tiny_checkpoint, tmp_path_factory.mktemp("half"),
+                               {dtype: dict(formats=ARTIFACT_FORMATS, dtype=dtype, batch_size=1, max_seq_len=64,
+                                            prefill_chunk=8)
+                                for dtype in ("bfloat16", "float16")})
 
 
 @pytest.fixture(scope="session")
@@ -142,13 +169,12 @@ def weight_artifacts(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """The tiny preset with its matrices stored as int8 (batch 2, both formats; batch 1, aoti only:
     the row-dot decode form; batch 1, ONNX through MatMulNBits with int8 activations) and as bf16
     computed in fp32 (batch 1, both formats)."""
-    from dbrx_aot.export import export_artifact
-
-    root = tmp_path_factory.mktemp("weights")
+    # In this order, the two lanes get alike work: int8 (both formats) and int8-acc4 (ONNX), against
+    # int8-b1 (aoti) and bfloat16 (both).
     builds = {"int8": dict(weights_format="int8", batch_size=2, formats=ARTIFACT_FORMATS),
               "int8-b1": dict(weights_format="int8", batch_size=1, formats="aoti"),
-              "bfloat16": dict(weights_format="bfloat16", batch_size=1, formats=ARTIFACT_FORMATS),
-              "int8-acc4": dict(weights_format="int8", batch_size=1, formats="onnx", onnx_accuracy_level=4)}
-    return {name: export_artifact(tiny_checkpoint, root / name, max_seq_len=64, prefill_chunk=8, progress=False,
-                                  **options).path
-            for name, options in builds.items()}
+              "int8-acc4": dict(weights_format="int8", batch_size=1, formats="onnx", onnx_accuracy_level=4),
+              "bfloat16": dict(weights_format="bfloat16", batch_size=1, formats=ARTIFACT_FORMATS)}
+    return export_side_by_side(tiny_checkpoint, tmp_path_factory.mktemp("weights"),
+                               {name: dict(max_seq_len=64, prefill_chunk=8, **options)
+                                for name, options in builds.items()})
