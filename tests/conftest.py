@@ -95,8 +95,9 @@ for job in json.loads(sys.argv[1]):
 
 def export_side_by_side(checkpoint: Path, root: Path, builds: dict[str, dict]) -> dict[str, Path]:
     """``export_artifact(checkpoint, root / name, **options)`` for each build, in EXPORT_LANES processes
-    side by side, builds dealt to them in turn. Each lane has an Inductor cache of its own: within one
-    cache, export.aoti.compile_lock lets one process compile at a time."""
+    side by side, builds dealt to them in turn. Within one Inductor cache, export.aoti.compile_lock lets
+    one process compile at a time: the first lane compiles in this process's cache (what it compiles,
+    the later tests' own exports find there), each other lane in one of its own."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     names = list(builds)
@@ -104,7 +105,8 @@ def export_side_by_side(checkpoint: Path, root: Path, builds: dict[str, dict]) -
     for lane in range(EXPORT_LANES):
         jobs = [dict(checkpoint=str(checkpoint), out=str(root / name), **builds[name])
                 for name in names[lane::EXPORT_LANES]]
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir(), f"dbrx-aot-tests-lane-{lane}")}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir(), f"dbrx-aot-tests-lane-{lane}")
+               if lane else cache_dir()}
         lanes.append(subprocess.Popen([sys.executable, "-c", EXPORT_LANE, json.dumps(jobs)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [proc.communicate(timeout=1200)[0] for proc in lanes]
