@@ -109,7 +109,11 @@ def export_side_by_side(checkpoint: Path, root: Path, builds: dict[str, dict]) -
                if lane else cache_dir()}
         lanes.append(subprocess.Popen([sys.executable, "-c", EXPORT_LANE, json.dumps(jobs)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [proc.communicate(timeout=1200)[0] for proc in lanes]
+    try:
+        outputs = [proc.communicate(timeout=1200)[0] for proc in lanes]
+    finally:
+        for proc in lanes:
+            proc.kill()  # a lane still running when another failed (kill passes over one that ended)
     for proc, out in zip(lanes, outputs):
         assert proc.returncode == 0, f"export lane {proc.args[-1]}: exit {proc.returncode}\n{out[-4000:]}"
     return {name: root / name for name in names}
