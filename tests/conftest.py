@@ -100,13 +100,13 @@ def export_side_by_side(checkpoint: Path, root: Path, builds: dict[str, dict]) -
     the later tests' own exports find there), each other lane in one of its own."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    names = list(builds)
+    names, session_cache = list(builds), cache_dir()
     lanes = []
     for lane in range(EXPORT_LANES):
         jobs = [dict(checkpoint=str(checkpoint), out=str(root / name), **builds[name])
                 for name in names[lane::EXPORT_LANES]]
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir(), f"dbrx-aot-tests-lane-{lane}")
-               if lane else cache_dir()}
+        cache = os.path.join(session_cache, f"dbrx-aot-tests-lane-{lane}") if lane else session_cache
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         lanes.append(subprocess.Popen([sys.executable, "-c", EXPORT_LANE, json.dumps(jobs)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
